@@ -1,0 +1,123 @@
+"""Frozen configuration pieces shared by every service.
+
+Each service builds one config in ``main()`` from these pieces; each piece is
+validated when it is built and never mutated afterwards. Values measured at
+run time (how many KV blocks fit) are returned by whoever measures them, not
+written back here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"dtype: {name!r} is not one of {sorted(DTYPES)}") from None
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the checkpoint is and how to run it. Architecture details come from config.json."""
+
+    model_dir: Path
+    dtype: torch.dtype | None = None  # None: the checkpoint's torch_dtype
+    device: str = "cpu"
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_dir", Path(self.model_dir))
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        if self.max_model_len is not None:
+            _positive("max_model_len", self.max_model_len)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: block size and how much memory it may take."""
+
+    block_size: int = 16
+    # Bytes for KV blocks; None on CUDA: gpu_memory_utilization of free memory after weights.
+    kv_cache_bytes: int | None = 256 * 1024 * 1024
+    gpu_memory_utilization: float = 0.9
+    num_blocks: int | None = None  # overrides the memory budget when set (tests)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("block_size", self.block_size)
+        if self.kv_cache_bytes is not None:
+            _positive("kv_cache_bytes", self.kv_cache_bytes)
+        if self.num_blocks is not None:
+            _positive("num_blocks", self.num_blocks)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = 64  # running requests per step
+    max_num_batched_tokens: int = 2048  # token budget per step; prompts are chunked under it
+    max_waiting: int = 1024  # queue bound; past it new requests are refused
+    max_tokens_limit: int = 4096  # the largest max_tokens a request may ask for
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_tokens_limit"):
+            _positive(name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How finished KV moves between workers."""
+
+    mode: str = "read"  # "read": decode pulls; "write": prefill pushes
+    lease_seconds: float = 30.0  # prefill holds finished blocks this long unless renewed
+    transfer_timeout_seconds: float = 10.0  # per transfer; NIXL never times out by itself
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("read", "write"):
+            raise ConfigError(f"transfer mode must be 'read' or 'write', got {self.mode!r}")
+        if self.lease_seconds <= 0 or self.transfer_timeout_seconds <= 0:
+            raise ConfigError("lease_seconds and transfer_timeout_seconds must be positive")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    parallel: ParallelConfig = ParallelConfig()

@@ -1,0 +1,1 @@
+"""Stubs generated from proto/splitserve/v1 by proto/generate.py; do not edit them by hand."""
