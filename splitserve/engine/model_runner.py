@@ -1,0 +1,97 @@
+"""Runs the model on one step's batch: builds the flat inputs, owns the KV cache tensor, returns logits."""
+from __future__ import annotations
+
+import torch
+
+from splitserve.config import CacheConfig, ModelConfig
+from splitserve.engine.scheduler import SchedulerOutput
+from splitserve.kernels.attention_metadata import AttentionMetadata
+from splitserve.kernels.backend import select_backend
+from splitserve.models.arch import ArchConfig
+from splitserve.models.layers import TPGroup
+from splitserve.models.loader import load_model
+
+
+class ModelRunner:
+    """Holds the weights and the paged KV cache of one rank.
+
+    The KV cache is one tensor, block-major: [num_blocks, num_layers, 2, block_size,
+    num_kv_heads, head_dim], so each block is one contiguous byte range across all
+    layers and a whole block moves between workers as a single transfer descriptor.
+    """
+
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, tp: TPGroup = TPGroup()) -> None:
+        self.device = torch.device(model_config.device)
+        self.block_size = cache_config.block_size
+        arch_max_len = self._peek_max_len(model_config)
+        self.max_model_len = model_config.max_model_len or arch_max_len
+        self.model, self.arch = load_model(
+            model_config.model_dir, model_config.dtype, self.device, tp, max_positions=max(self.max_model_len, arch_max_len)
+        )
+        self.dtype = next(self.model.parameters()).dtype
+        attn = self.model.layers[0].self_attn
+        self.kv_block_shape = (self.arch.num_layers, 2, self.block_size, attn.num_kv_heads, attn.head_dim)
+        self.num_blocks = self._num_blocks(cache_config)
+        self.kv_cache = torch.zeros((self.num_blocks, *self.kv_block_shape), dtype=self.dtype, device=self.device)
+        self.backend = select_backend(self.device)
+
+    @staticmethod
+    def _peek_max_len(model_config: ModelConfig) -> int:
+        from splitserve.models.arch import load_arch_config
+
+        return load_arch_config(model_config.model_dir).max_position_embeddings
+
+    @property
+    def block_bytes(self) -> int:
+        n = 1
+        for d in self.kv_block_shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+    def _num_blocks(self, cache: CacheConfig) -> int:
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        budget = cache.kv_cache_bytes
+        if budget is None:
+            if self.device.type != "cuda":
+                raise ValueError("kv_cache_bytes must be set on a CPU device")
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cache.gpu_memory_utilization)
+        num_blocks = budget // self.block_bytes
+        if num_blocks < 2:
+            raise ValueError(f"a KV budget of {budget} bytes holds {num_blocks} blocks of {self.block_bytes} bytes")
+        return num_blocks
+
+    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_start_loc = [0]
+        context_lens, block_tables, sample_rows = [], [], []
+        for s in out.scheduled:
+            n = len(s.token_ids)
+            input_ids.extend(s.token_ids)
+            positions.extend(range(s.start_pos, s.start_pos + n))
+            query_start_loc.append(query_start_loc[-1] + n)
+            context_lens.append(s.start_pos + n)
+            block_tables.append(s.block_ids)
+            if s.sample:
+                sample_rows.append(query_start_loc[-1] - 1)
+        pos = torch.tensor(positions, dtype=torch.long)
+        tables = [torch.tensor(t, dtype=torch.long) for t in block_tables]
+        slot_block = torch.cat([tables[i][pos[query_start_loc[i] : query_start_loc[i + 1]] // self.block_size] for i in range(len(tables))])
+        meta = AttentionMetadata(
+            query_start_loc=query_start_loc,
+            context_lens=context_lens,
+            block_tables=block_tables,
+            slot_block=slot_block.to(self.device),
+            slot_offset=(pos % self.block_size).to(self.device),
+            block_size=self.block_size,
+        )
+        return torch.tensor(input_ids, dtype=torch.long, device=self.device), pos.to(self.device), meta, sample_rows
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        """Computes the scheduled tokens' KV; returns logits [num_sampling_requests, vocab]."""
+        input_ids, positions, meta, sample_rows = self.prepare(out)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+        return self.model.compute_logits(hidden[sample_rows])

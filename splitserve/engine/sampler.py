@@ -1,0 +1,85 @@
+"""Turns the last-position logits of a batch into next tokens, per request's SamplingParams.
+
+Logprobs are those of the model's raw distribution (log_softmax of the logits
+before penalties and temperature), as vLLM and the OpenAI API report them.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from splitserve.engine.request import Request, TokenLogprob
+
+
+def apply_penalties(logits: torch.Tensor, request: Request) -> torch.Tensor:
+    """Repetition penalty over prompt and output (as transformers applies it); presence and
+    frequency penalties over the output (as the OpenAI API defines them). ``logits``: [vocab]."""
+    params = request.sampling_params
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long, device=logits.device)
+        picked = logits[seen]
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and request.output_token_ids:
+        out = torch.tensor(request.output_token_ids, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(out, minlength=logits.shape[-1]).to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Masks tokens outside top-k, the top-p nucleus and the min-p floor. ``logits``: [vocab]."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Keep a token if the mass before it is below top_p; the most likely always stays.
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits
+
+
+class Sampler:
+    """Samples one token per request. The engine's own generator serves requests without a seed."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator()
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[tuple[int, TokenLogprob | None]]:
+        """``logits``: [num_requests, vocab], any device and dtype."""
+        logits = logits.float()
+        want_logprobs = any(r.sampling_params.logprobs or r.sampling_params.top_logprobs for r in requests)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        if all(r.sampling_params.greedy and not r.sampling_params.has_penalties for r in requests):
+            token_ids = logits.argmax(dim=-1).tolist()
+        else:
+            token_ids = [self._sample_one(logits[i].clone(), r) for i, r in enumerate(requests)]
+        results = []
+        for i, (token_id, request) in enumerate(zip(token_ids, requests)):
+            params = request.sampling_params
+            if logprobs is None or not (params.logprobs or params.top_logprobs):
+                results.append((token_id, None))
+                continue
+            row = logprobs[i]
+            top: tuple[tuple[int, float], ...] = ()
+            if params.top_logprobs:
+                values, ids = torch.topk(row, params.top_logprobs)
+                top = tuple(zip(ids.tolist(), values.tolist()))
+            results.append((token_id, TokenLogprob(token_id, row[token_id].item(), top)))
+        return results
+
+    def _sample_one(self, logits: torch.Tensor, request: Request) -> int:
+        params = request.sampling_params
+        logits = apply_penalties(logits, request)
+        if params.greedy:
+            return int(logits.argmax())
+        logits = _truncate(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+        probs = logits.softmax(-1).cpu()
+        generator = request.generator or self.generator
+        return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,75 @@
+"""The offline API: ``LLM(model_dir).generate(prompts, SamplingParams(...))`` for scripts and tests."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from splitserve.engine.engine import LLMEngine
+from splitserve.engine.request import FinishReason, TokenLogprob
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True)
+class CompletionOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: FinishReason
+    num_cached_tokens: int
+
+
+class LLM:
+    """Runs an engine in the calling thread until every prompt is done. CPU or CUDA, same code."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "cpu",
+        dtype: str | None = None,
+        cache: CacheConfig = CacheConfig(),
+        scheduler: SchedulerConfig = SchedulerConfig(),
+        max_model_len: int | None = None,
+    ) -> None:
+        model = ModelConfig(Path(model_dir), dtype=dtype, device=device, max_model_len=max_model_len)
+        self.engine = LLMEngine(EngineConfig(model=model, cache=cache, scheduler=scheduler))
+        self.tokenizer = load_tokenizer(model_dir)
+        self._ids = itertools.count()
+
+    def generate(
+        self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] = SamplingParams()
+    ) -> list[CompletionOutput]:
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        order: list[str] = []
+        prompt_ids: dict[str, list[int]] = {}
+        for prompt, p in zip(prompts, params_list, strict=True):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            request_id = f"offline-{next(self._ids)}"
+            self.engine.add_request(request_id, ids, p)
+            order.append(request_id)
+            prompt_ids[request_id] = ids
+        tokens: dict[str, list[int]] = {r: [] for r in order}
+        logprobs: dict[str, list[TokenLogprob]] = {r: [] for r in order}
+        done: dict[str, tuple[FinishReason, int]] = {}
+        while len(done) < len(order):
+            for out in self.engine.step().outputs:
+                tokens[out.request_id] += out.new_token_ids
+                logprobs[out.request_id] += out.new_logprobs
+                if out.finished:
+                    done[out.request_id] = (out.finish_reason, out.num_cached_tokens)
+        return [
+            CompletionOutput(
+                request_id=r,
+                prompt_token_ids=prompt_ids[r],
+                token_ids=tokens[r],
+                text=self.tokenizer.decode(tokens[r], skip_special_tokens=True),
+                logprobs=logprobs[r],
+                finish_reason=done[r][0],
+                num_cached_tokens=done[r][1],
+            )
+            for r in order
+        ]
