@@ -108,8 +108,11 @@ class LLMEngine:
 
     release = abort
 
-    def finish_kv_load(self, request_id: str, ok: bool) -> None:
-        self.scheduler.finish_kv_load(request_id, ok)
+    def finish_kv_load(self, request_id: str, ok: bool, quarantine: frozenset[int] = frozenset()) -> None:
+        self.scheduler.finish_kv_load(request_id, ok, quarantine)
+
+    def free_quarantined(self, block_ids: list[int]) -> None:
+        self.kv_cache_manager.free_quarantined(block_ids)
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return self.kv_cache_manager.get_block_ids(request_id)

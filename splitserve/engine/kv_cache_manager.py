@@ -20,6 +20,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.req_to_blocks: dict[str, list[Block]] = {}
         self._num_cached_blocks: dict[str, int] = {}  # blocks already entered into the cache
+        self.quarantined: dict[int, Block] = {}  # held back from reuse; see free()
 
     @property
     def num_free_blocks(self) -> int:
@@ -83,13 +84,23 @@ class KVCacheManager:
             self.block_pool.cache_full_block(blocks[i], hashes[i], tokens)
         self._num_cached_blocks[request.request_id] = num_full
 
-    def free(self, request: Request) -> None:
-        """Gives back every block of the request; safe to call twice."""
+    def free(self, request: Request, quarantine: frozenset[int] = frozenset()) -> None:
+        """Gives back every block of the request; safe to call twice.
+
+        Blocks in ``quarantine`` stay referenced until ``free_quarantined``: a KV
+        transfer that missed its deadline may still write into them.
+        """
         blocks = self.req_to_blocks.pop(request.request_id, None)
         self._num_cached_blocks.pop(request.request_id, None)
         if blocks:
+            for block in blocks:
+                if block.block_id in quarantine:
+                    self.quarantined[block.block_id] = block
             # Tail blocks first: they are the least likely to be shared, so evict them first.
-            self.block_pool.free_blocks(reversed(blocks))
+            self.block_pool.free_blocks(b for b in reversed(blocks) if b.block_id not in quarantine)
+
+    def free_quarantined(self, block_ids: list[int]) -> None:
+        self.block_pool.free_blocks(self.quarantined.pop(i) for i in block_ids if i in self.quarantined)
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(request_id, [])]

@@ -99,8 +99,12 @@ class Scheduler:
         self.kv.free(request)
         return request
 
-    def finish_kv_load(self, request_id: str, ok: bool) -> None:
-        """The transfer for a loading request ended: join the running batch, or prefill here."""
+    def finish_kv_load(self, request_id: str, ok: bool, quarantine: frozenset[int] = frozenset()) -> None:
+        """The transfer for a loading request ended: join the running batch, or prefill here.
+
+        ``quarantine``: local blocks a failed transfer may still write into; they are
+        kept from reuse until ``KVCacheManager.free_quarantined``.
+        """
         request = self.loading.pop(request_id, None)
         if request is None:
             return  # aborted meanwhile
@@ -110,7 +114,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
         else:
-            self.kv.free(request)
+            self.kv.free(request, quarantine)
             request.num_computed_tokens = 0
             request.status = RequestStatus.WAITING
             self.waiting.appendleft(request)

@@ -1,0 +1,196 @@
+"""The decode worker: pulls a prompt's KV from a prefill worker (or prefills it here) and streams tokens."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.scheduler import KVLoad, RemoteKV
+from splitserve.kvtransfer import KVTransferError, PeerDisconnectedError, TransferTimeoutError
+from splitserve.services.convert import (
+    FINISH_TO_PROTO,
+    sampling_params_from_proto,
+    token_logprob_from_proto,
+    token_logprob_to_proto,
+)
+from splitserve.services.prefill.service import next_output, run_engine_request
+from splitserve.services.worker import WorkerRuntime, layout_from_proto
+from splitserve.v1 import worker_pb2 as worker_pb
+from splitserve.v1 import worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+        self.transfer = runtime.config.transfer
+        runtime.loop.on_kv_load = self._load_kv
+        self._handles: dict[str, worker_pb.KVHandle] = {}  # request id -> where its KV is
+        self._handshakes: dict[str, asyncio.Future] = {}  # agent name -> peer added
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.num_kv_transfers = 0
+        self.num_kv_bytes = 0
+        self.num_local_prefills = 0
+        self.num_transfer_failures = 0
+
+    async def start(self) -> None:
+        self.runtime.spawn(self._reclaim())
+
+    async def Decode(self, request: worker_pb.DecodeRequest, context):
+        engine_request = request.request
+        request_id = engine_request.request_id
+        try:
+            params = sampling_params_from_proto(engine_request)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        prompt = list(engine_request.prompt_token_ids)
+        loop = self.runtime.loop
+        if request.HasField("kv"):
+            kv = request.kv
+            try:
+                await self._ensure_peer(kv)
+            except (KVTransferError, grpc.aio.AioRpcError) as e:
+                await self._release_remote(kv, request_id)
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot reach KV of {request_id} on {kv.worker_id}: {e}")
+            first = token_logprob_from_proto(request.first_token, True)
+            self._handles[request_id] = kv
+            submit = lambda: loop.submit(  # noqa: E731
+                request_id, prompt, params, remote_kv=RemoteKV(list(kv.block_ids), kv.num_tokens), first_token=first
+            )
+        else:
+            self.num_local_prefills += 1
+            submit = lambda: loop.submit(request_id, prompt, params)  # noqa: E731
+        stream = await run_engine_request(self.runtime, context, submit)
+        finished = False
+        last = time.perf_counter()
+        try:
+            while not finished:
+                out = await next_output(stream, context)
+                now = time.perf_counter()
+                self.runtime.metrics.itl.labels("decode").observe(now - last)
+                last = now
+                finished = out.finished
+                tokens = [
+                    token_logprob_to_proto(t, out.new_logprobs[i] if i < len(out.new_logprobs) else None)
+                    for i, t in enumerate(out.new_token_ids)
+                ]
+                yield worker_pb.DecodeResponse(
+                    tokens=tokens,
+                    finish_reason=FINISH_TO_PROTO[out.finish_reason],
+                    num_cached_tokens=max(request.num_cached_tokens, out.num_cached_tokens),
+                )
+        finally:
+            if not finished:  # cancelled by the router (stop string, client gone) or an error
+                loop.abort(request_id)
+                kv = self._handles.pop(request_id, None)
+                if kv is not None:
+                    asyncio.ensure_future(self._release_remote(kv, request_id))
+
+    async def _ensure_peer(self, kv: worker_pb.KVHandle) -> None:
+        """Adds the prefill worker's agent once per incarnation (its agent name changes on restart)."""
+        agent = self.runtime.agent
+        if kv.agent_name in agent.peers:
+            return
+        pending = self._handshakes.get(kv.agent_name)
+        if pending is None:
+            pending = self._handshakes[kv.agent_name] = asyncio.ensure_future(self._handshake(kv))
+        try:
+            await asyncio.shield(pending)
+        except BaseException:
+            self._handshakes.pop(kv.agent_name, None)
+            raise
+
+    async def _handshake(self, kv: worker_pb.KVHandle) -> None:
+        stub = worker_pb2_grpc.PrefillWorkerStub(self._channel(kv.address))
+        meta = await stub.GetTransferMetadata(worker_pb.TransferMetadataRequest(), timeout=self.transfer.transfer_timeout_seconds)
+        # Earlier incarnations of the same worker are gone: forget them.
+        for old in [p for p in self.runtime.agent.peers if p.rsplit("-", 1)[0] == meta.worker_id and p != meta.agent_name]:
+            self.runtime.agent.remove_peer(old)
+        self.runtime.agent.add_peer(meta.agent_name, meta.agent_metadata, layout_from_proto(meta.layout))
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return self._channels[address]
+
+    async def _load_kv(self, load: KVLoad) -> None:
+        """Runs on the event loop for each KVLoad the engine emits; always reports back to the engine."""
+        kv = self._handles.pop(load.request_id, None)
+        if kv is None:
+            self.runtime.loop.finish_kv_load(load.request_id, False)
+            return
+        agent, start = self.runtime.agent, time.perf_counter()
+        renewer = asyncio.ensure_future(self._renew_lease(kv, load.request_id))
+        try:
+            result = await agent.read_blocks_async(
+                kv.agent_name,
+                load.remote_block_ids,
+                load.local_block_ids,
+                notify=load.request_id.encode(),
+                timeout=self.transfer.transfer_timeout_seconds,
+            )
+        except TransferTimeoutError as e:
+            self._transfer_failed(load, kv, e, quarantine=frozenset(load.local_block_ids))
+            return
+        except KVTransferError as e:
+            if isinstance(e, PeerDisconnectedError) and kv.agent_name in agent.peers:
+                agent.remove_peer(kv.agent_name)
+            self._transfer_failed(load, kv, e)
+            return
+        finally:
+            renewer.cancel()
+        self.num_kv_transfers += 1
+        self.num_kv_bytes += result.num_bytes
+        self.runtime.metrics.kv_bytes.labels("decode").inc(result.num_bytes)
+        self.runtime.metrics.kv_seconds.labels("decode").observe(time.perf_counter() - start)
+        self.runtime.loop.finish_kv_load(load.request_id, True)
+
+    def _transfer_failed(self, load: KVLoad, kv, error: Exception, quarantine: frozenset[int] = frozenset()) -> None:
+        """The request is prefilled here instead; the prefill side is told to let go."""
+        log.warning("KV transfer for %s from %s failed (%s); prefilling locally", load.request_id, kv.worker_id, error)
+        self.num_transfer_failures += 1
+        self.runtime.metrics.error("kv_transfer_failed")
+        self.num_local_prefills += 1
+        self.runtime.loop.finish_kv_load(load.request_id, False, quarantine)
+        asyncio.ensure_future(self._release_remote(kv, load.request_id))
+
+    async def _renew_lease(self, kv: worker_pb.KVHandle, request_id: str) -> None:
+        stub = worker_pb2_grpc.PrefillWorkerStub(self._channel(kv.address))
+        while True:
+            await asyncio.sleep(max(kv.lease_seconds / 3, 0.05))
+            try:
+                await stub.RenewLease(worker_pb.LeaseRequest(request_id=request_id), timeout=1.0)
+            except grpc.aio.AioRpcError:
+                pass  # the transfer's own deadline decides
+
+    async def _release_remote(self, kv: worker_pb.KVHandle, request_id: str) -> None:
+        try:
+            stub = worker_pb2_grpc.PrefillWorkerStub(self._channel(kv.address))
+            await stub.ReleaseKV(worker_pb.LeaseRequest(request_id=request_id), timeout=2.0)
+        except grpc.aio.AioRpcError as e:
+            log.info("release of %s on %s failed: %s (its lease will expire)", request_id, kv.worker_id, e.code().name)
+
+    async def _reclaim(self) -> None:
+        """Blocks of timed-out READs come back once NIXL reports them settled."""
+        while True:
+            blocks = self.runtime.agent.reclaim()
+            if blocks:
+                self.runtime.loop.free_quarantined(blocks)
+            await asyncio.sleep(0.5)
+
+    async def GetTransferMetadata(self, request, context) -> worker_pb.TransferMetadata:
+        return self.runtime.transfer_metadata()
+
+    async def GetStats(self, request, context) -> worker_pb.WorkerStats:
+        return self.runtime.stats(
+            {"num_local_prefills": self.num_local_prefills, "num_kv_transfers": self.num_kv_transfers, "num_kv_bytes_transferred": self.num_kv_bytes}
+        )
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+

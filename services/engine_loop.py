@@ -1,0 +1,214 @@
+"""Runs an LLMEngine in a thread of its own and bridges it to asyncio.
+
+gRPC handlers never call the engine directly: they post commands (add, abort,
+release, finish a KV load) that the engine thread applies between steps, and
+read each request's outputs from an asyncio queue the thread feeds. The model
+never runs on the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from splitserve.engine.engine import LLMEngine, RequestOutput
+from splitserve.engine.errors import InvalidRequestError, QueueFullError
+from splitserve.engine.request import TokenLogprob
+from splitserve.engine.sampling_params import SamplingParams
+from splitserve.engine.scheduler import KVLoad, RemoteKV
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_waiting: int = 0
+    num_running: int = 0
+    num_loading: int = 0
+    num_held: int = 0
+    num_total_blocks: int = 0
+    num_free_blocks: int = 0
+    num_pinned_blocks: int = 0
+    num_prompt_tokens_computed: int = 0
+    num_prefix_hit_tokens: int = 0
+    num_preemptions: int = 0
+    num_tokens_in_flight: int = 0  # accepted prompt tokens not computed yet
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last item on a request's queue when its blocks are held for another worker."""
+
+    block_ids: list[int]
+
+
+class EngineLoop:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        on_kv_load: Callable[[KVLoad], Awaitable[None]] | None = None,
+        on_kv_events: Callable[[list[tuple[str, bytes]]], None] | None = None,
+    ) -> None:
+        """``on_kv_load`` runs on the event loop for each transfer the engine asks for;
+        ``on_kv_events`` gets the prefix cache's stored/removed events, on the event loop."""
+        self.engine = engine
+        self.on_kv_load = on_kv_load
+        self.on_kv_events = on_kv_events
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.stats = EngineStats(num_total_blocks=engine.block_pool.num_blocks, num_free_blocks=engine.block_pool.num_free_blocks)
+        self.error: BaseException | None = None
+        self.num_finished = 0
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    # -- called on the event loop ---------------------------------------------
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        remote_kv: RemoteKV | None = None,
+        first_token: TokenLogprob | None = None,
+        hold_kv: bool = False,
+    ) -> asyncio.Queue:
+        """Validates and queues a request; returns the queue its outputs arrive on.
+
+        Items: RequestOutput, then (when ``hold_kv``) a Finished with the held block ids,
+        or an exception if the engine failed.
+        """
+        if self.error is not None:
+            raise RuntimeError(f"engine failed: {self.error}")
+        self.engine.validate(prompt_token_ids, params)
+        if request_id in self._streams:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
+        if len(self._streams) >= self.engine.config.scheduler.max_waiting + self.engine.config.scheduler.max_num_seqs:
+            raise QueueFullError(f"{len(self._streams)} requests in flight; try again later")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._post(("add", request_id, prompt_token_ids, params, remote_kv, first_token, hold_kv))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Ends the request and frees its blocks, wherever it is (held blocks included)."""
+        self._streams.pop(request_id, None)
+        self._post(("abort", request_id))
+
+    def release(self, request_id: str) -> None:
+        self._post(("abort", request_id))
+
+    def finish_kv_load(self, request_id: str, ok: bool, quarantine: frozenset[int] = frozenset()) -> None:
+        self._post(("kv_loaded", request_id, ok, quarantine))
+
+    def free_quarantined(self, block_ids: list[int]) -> None:
+        self._post(("unquarantine", "", block_ids))
+
+    def _post(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    # -- the engine thread -----------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._apply_commands()
+                if not self.engine.has_unfinished:
+                    self._publish_stats()
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                result = self.engine.step()
+                for load in result.kv_loads:
+                    self._start_kv_load(load)
+                for out in result.outputs:
+                    self._deliver(out)
+                events = self.engine.block_pool.drain_kv_events()
+                if events and self.on_kv_events is not None:
+                    self._loop.call_soon_threadsafe(self.on_kv_events, events)
+                self._publish_stats()
+        except BaseException as exc:  # the engine is broken: fail every stream, loudly
+            log.exception("engine loop failed")
+            self.error = exc
+            for request_id in list(self._streams):
+                self._send(request_id, exc)
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            kind, request_id = command[0], command[1]
+            if kind == "add":
+                _, _, prompt, params, remote_kv, first_token, hold_kv = command
+                if request_id not in self._streams:
+                    continue  # aborted before it was added
+                try:
+                    self.engine.add_request(request_id, prompt, params, remote_kv=remote_kv, first_token=first_token, hold_kv=hold_kv)
+                except (InvalidRequestError, QueueFullError) as exc:
+                    self._send(request_id, exc)
+            elif kind == "abort":
+                self.engine.abort(request_id)
+            elif kind == "kv_loaded":
+                self.engine.finish_kv_load(request_id, command[2], command[3])
+            elif kind == "unquarantine":
+                self.engine.free_quarantined(command[2])
+
+    def _start_kv_load(self, load: KVLoad) -> None:
+        if self.on_kv_load is None or not load.local_block_ids:
+            self.engine.finish_kv_load(load.request_id, self.on_kv_load is not None)
+            return
+        asyncio.run_coroutine_threadsafe(self.on_kv_load(load), self._loop)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        self._send(out.request_id, out)
+        if out.finished:
+            held = self.engine.scheduler.held.get(out.request_id)
+            if held is not None:
+                self._send(out.request_id, Finished(self.engine.get_block_ids(out.request_id)))
+            self.num_finished += 1
+            self._loop.call_soon_threadsafe(self._streams.pop, out.request_id, None)
+
+    def _send(self, request_id: str, item: object) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            self._loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _publish_stats(self) -> None:
+        s, pool = self.engine.scheduler, self.engine.block_pool
+        self.stats = EngineStats(
+            num_waiting=len(s.waiting),
+            num_running=len(s.running),
+            num_loading=len(s.loading),
+            num_held=len(s.held),
+            num_total_blocks=pool.num_blocks,
+            num_free_blocks=pool.num_free_blocks,
+            num_pinned_blocks=sum(len(self.engine.get_block_ids(r)) for r in list(s.held)),
+            num_prompt_tokens_computed=s.num_prompt_tokens_computed,
+            num_prefix_hit_tokens=s.num_prefix_hit_tokens,
+            num_preemptions=s.num_preemptions,
+            num_tokens_in_flight=sum(r.num_tokens - r.num_computed_tokens for r in [*s.waiting, *s.running]),
+        )

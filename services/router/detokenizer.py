@@ -1,0 +1,82 @@
+"""Incremental detokenization and stop strings for one request's output stream."""
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Decodes a short window of tokens (``prefix_offset``..end) rather than the whole
+    output, and holds back text that ends in U+FFFD: a multi-byte character whose
+    bytes are split across tokens is emitted once its last byte has arrived.
+    Stop strings are matched on the text; text that could still become a stop
+    string is held back until it cannot.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str], skip_special_tokens: bool, prompt_tail: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.skip_special_tokens = skip_special_tokens
+        # A few prompt tokens give the first output tokens their leading-space context.
+        self.token_ids: list[int] = list(prompt_tail)
+        self.prefix_offset = 0
+        self.read_offset = len(self.token_ids)
+        self.text = ""  # all output text decoded so far
+        self.emitted = 0  # characters of ``text`` already sent
+        self.matched_stop: str | None = None
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token_ids: list[int]) -> str:
+        """Takes new tokens; returns the text that may be sent now (possibly empty)."""
+        for token_id in token_ids:
+            self.token_ids.append(token_id)
+            prefix = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+            full = self._decode(self.token_ids[self.prefix_offset :])
+            if len(full) > len(prefix) and not full.endswith(REPLACEMENT):
+                self.text += full[len(prefix) :]
+                self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        return self._releasable()
+
+    def _releasable(self) -> str:
+        if self.matched_stop is not None:
+            return ""
+        for stop in self.stop:
+            at = self.text.find(stop, max(0, self.emitted - len(stop) + 1))
+            if at != -1:
+                self.matched_stop = stop
+                self.text = self.text[:at]
+                break
+        end = len(self.text)
+        if self.matched_stop is None and self.stop:
+            end -= self._partial_stop_len()
+        delta = self.text[self.emitted : max(end, self.emitted)]
+        self.emitted += len(delta)
+        return delta
+
+    def _partial_stop_len(self) -> int:
+        """Length of the longest text suffix that is a proper prefix of some stop string."""
+        best = 0
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, len(self.text)), best, -1):
+                if self.text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+    def flush(self) -> str:
+        """At the end of the stream: whatever is held back and is not part of a stop string."""
+        if self.matched_stop is None and self.read_offset < len(self.token_ids):
+            # The output ends in an incomplete character: send its replacement character.
+            prefix = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+            self.text += self._decode(self.token_ids[self.prefix_offset :])[len(prefix) :]
+            self.read_offset = len(self.token_ids)
+        delta = self._releasable()
+        if self.matched_stop is None:
+            delta += self.text[self.emitted :]
+            self.emitted = len(self.text)
+        return delta

@@ -1,0 +1,224 @@
+"""The public Generation service: route, prefill, hand off to decode, detokenize, stream back."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+from transformers import PreTrainedTokenizerBase
+
+from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.prefix_hash import hash_request_tokens
+from splitserve.services.metrics import ServiceMetrics
+from splitserve.services.router.detokenizer import IncrementalDetokenizer
+from splitserve.services.router.request_input import ModelLimits, PreparedRequest, prepare
+from splitserve.services.router.routing import RoutingPolicy, should_skip_prefill
+from splitserve.services.router.workers import WorkerDirectory
+from splitserve.v1 import generation_pb2 as gen_pb
+from splitserve.v1 import generation_pb2_grpc
+from splitserve.v1 import worker_pb2 as worker_pb
+
+log = logging.getLogger(__name__)
+
+# Worker failures after which the request goes to another worker.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED)
+PROMPT_TAIL_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    model_name: str
+    architecture: str
+    limits: ModelLimits
+    block_size: int
+    eos_token_ids: tuple[int, ...]
+    prefill_threshold: int = 0  # prompts shorter than this are prefilled on the decode worker
+    max_inflight: int = 1024
+
+
+class GenerationService(generation_pb2_grpc.GenerationServicer):
+    def __init__(
+        self, settings: RouterSettings, tokenizer: PreTrainedTokenizerBase, workers: WorkerDirectory, policy: RoutingPolicy, metrics: ServiceMetrics
+    ) -> None:
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.workers = workers
+        self.policy = policy
+        self.metrics = metrics
+        self.num_inflight = 0
+
+    async def GetModelInfo(self, request, context) -> gen_pb.ModelInfo:
+        s = self.settings
+        return gen_pb.ModelInfo(
+            model=s.model_name,
+            architecture=s.architecture,
+            max_model_len=s.limits.max_model_len,
+            vocab_size=s.limits.vocab_size,
+            eos_token_ids=s.eos_token_ids,
+            max_tokens_limit=s.limits.max_tokens_limit,
+            block_size=s.block_size,
+        )
+
+    async def Generate(self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        if self.num_inflight >= self.settings.max_inflight:
+            self.metrics.error("queue_full")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.num_inflight} requests in flight; try again later")
+        try:
+            prepared = prepare(request, self.tokenizer, self.settings.limits)
+        except InvalidRequestError as e:
+            self.metrics.error("invalid_argument")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self.num_inflight += 1
+        outcome = "error"
+        try:
+            async with asyncio.timeout(prepared.timeout_seconds):
+                async for message in self._generate(prepared, context):
+                    yield message
+            outcome = "ok"
+        except TimeoutError:
+            outcome = "deadline"
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"request timed out after {prepared.timeout_seconds}s")
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self.num_inflight -= 1
+            self.metrics.outcome(outcome)
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float | None:
+        return context.time_remaining()
+
+    async def _prefill(self, prepared: PreparedRequest, block_hashes: list[bytes], context):
+        """Runs the prompt on a prefill worker, trying others when one is down.
+
+        Returns (PrefillResponse, worker address) or None when there is no
+        prefill worker left (the decode worker then prefills itself).
+        """
+        tried: set[str] = set()
+        request = worker_pb.PrefillRequest(request=prepared.engine_request)
+        while True:
+            candidates = [w for w in await self.workers.live("prefill") if w.info.worker_id not in tried]
+            if not candidates:
+                return None
+            matches = await self.workers.match_prefix(block_hashes, candidates)
+            num_prompt = len(prepared.engine_request.prompt_token_ids)
+            decision = self.policy.pick_prefill(block_hashes, candidates, matches, num_prompt)
+            try:
+                response = await self.workers.prefill_stub(decision.address).Prefill(request, timeout=self._timeout(context))
+                return response, decision.address
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in RETRYABLE:
+                    await context.abort(e.code(), e.details())
+                log.warning("prefill worker %s failed (%s: %s); trying another", decision.worker_id, e.code().name, e.details())
+                self.metrics.error("prefill_worker_failed")
+                self.workers.mark_failed(decision.worker_id)
+                tried.add(decision.worker_id)
+
+    async def _generate(self, prepared: PreparedRequest, context):
+        engine_request = prepared.engine_request
+        prompt = list(engine_request.prompt_token_ids)
+        block_hashes = hash_request_tokens(prompt, self.settings.block_size)
+        start = time.perf_counter()
+        detok = IncrementalDetokenizer(self.tokenizer, prepared.stop, prepared.skip_special_tokens, prompt[-PROMPT_TAIL_TOKENS:])
+        num_tokens, num_cached = 0, 0
+        finish = gen_pb.FINISH_REASON_UNSPECIFIED
+        decode_request = worker_pb.DecodeRequest(request=engine_request)
+        prefill = None
+        if not should_skip_prefill(len(prompt), self.settings.prefill_threshold):
+            prefill = await self._prefill(prepared, block_hashes, context)
+        released = prefill is None or not prefill[0].HasField("kv")
+        try:
+            if prefill is not None:
+                response, prefill_address = prefill
+                num_cached = response.num_cached_tokens
+                num_tokens = 1
+                self.metrics.ttft.labels("router").observe(time.perf_counter() - start)
+                yield self._delta(detok, [response.first_token], engine_request.logprobs or engine_request.top_logprobs > 0)
+                finish = response.finish_reason
+                if detok.matched_stop is not None:
+                    finish = gen_pb.FINISH_REASON_STOP
+                if finish != gen_pb.FINISH_REASON_UNSPECIFIED:
+                    for message in self._finish(engine_request, prompt, num_tokens, num_cached, finish, detok):
+                        yield message
+                    return
+                decode_request = worker_pb.DecodeRequest(
+                    request=engine_request, first_token=response.first_token, kv=response.kv, num_cached_tokens=num_cached
+                )
+            async for message in self._decode(decode_request, prepared, detok, context, start, num_tokens == 0):
+                if isinstance(message, tuple):
+                    added, finish, cached = message
+                    num_tokens += added
+                    num_cached = max(num_cached, cached)
+                    released = True
+                else:
+                    yield message
+            for message in self._finish(engine_request, prompt, num_tokens, num_cached, finish, detok):
+                yield message
+        finally:
+            if not released and prefill is not None:
+                # Decode never took the KV (it failed, or the client left): unpin it now, not at lease expiry.
+                asyncio.ensure_future(self._release(prefill[1], engine_request.request_id))
+
+    async def _decode(self, decode_request, prepared, detok, context, start, first_from_decode):
+        """Yields Delta responses, and (num_tokens, finish, num_cached) tuples as bookkeeping."""
+        with_logprobs = prepared.engine_request.logprobs or prepared.engine_request.top_logprobs > 0
+        candidates = await self.workers.live("decode")
+        if not candidates:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no decode worker is available")
+        num_blocks = -(-(len(prepared.engine_request.prompt_token_ids) + 1) // self.settings.block_size)
+        decision = self.policy.pick_decode(candidates, num_blocks, prepared.engine_request.request_id.encode())
+        call = self.workers.decode_stub(decision.address).Decode(decode_request, timeout=self._timeout(context))
+        finish = gen_pb.FINISH_REASON_UNSPECIFIED
+        last = time.perf_counter()
+        try:
+            async for response in call:
+                now = time.perf_counter()
+                if first_from_decode:
+                    self.metrics.ttft.labels("router").observe(now - start)
+                    first_from_decode = False
+                else:
+                    self.metrics.itl.labels("router").observe(now - last)
+                last = now
+                yield (len(response.tokens), response.finish_reason, response.num_cached_tokens)
+                delta = self._delta(detok, list(response.tokens), with_logprobs)
+                if delta.delta.text or delta.delta.token_ids:
+                    yield delta
+                if detok.matched_stop is not None:
+                    finish = gen_pb.FINISH_REASON_STOP
+                    break
+                if response.finish_reason != gen_pb.FINISH_REASON_UNSPECIFIED:
+                    finish = response.finish_reason
+                    break
+        except grpc.aio.AioRpcError as e:
+            self.metrics.error("decode_worker_failed")
+            self.workers.mark_failed(decision.worker_id)
+            code = e.code() if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED) else grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"decode worker {decision.worker_id} failed: {e.code().name}: {e.details()}")
+        finally:
+            call.cancel()  # a stop string ended it early, or the client left: the decode worker frees its blocks
+        yield (0, finish, 0)
+
+    def _delta(self, detok: IncrementalDetokenizer, tokens, with_logprobs: bool) -> gen_pb.GenerateResponse:
+        ids = [t.token_id for t in tokens]
+        text = detok.add(ids)
+        delta = gen_pb.Delta(text=text, token_ids=ids, logprobs=tokens if with_logprobs else [])
+        return gen_pb.GenerateResponse(delta=delta)
+
+    def _finish(self, engine_request, prompt, num_tokens, num_cached, finish, detok) -> list[gen_pb.GenerateResponse]:
+        """The held-back text, if any, then the Final message."""
+        tail = detok.flush()
+        messages = [gen_pb.GenerateResponse(delta=gen_pb.Delta(text=tail))] if tail else []
+        return [*messages, self._final(engine_request, prompt, num_tokens, num_cached, finish, detok)]
+
+    def _final(self, engine_request, prompt, num_tokens, num_cached, finish, detok) -> gen_pb.GenerateResponse:
+        usage = gen_pb.Usage(prompt_tokens=len(prompt), completion_tokens=num_tokens, cached_prompt_tokens=num_cached)
+        final = gen_pb.Final(request_id=engine_request.request_id, finish_reason=finish, stop=detok.matched_stop or "", usage=usage)
+        return gen_pb.GenerateResponse(final=final)
+
+    async def _release(self, address: str, request_id: str) -> None:
+        try:
+            await self.workers.prefill_stub(address).ReleaseKV(worker_pb.LeaseRequest(request_id=request_id), timeout=5)
+        except grpc.aio.AioRpcError as e:
+            log.warning("could not release KV of %s on %s: %s (its lease will expire)", request_id, address, e.code().name)

@@ -1,0 +1,72 @@
+"""The router's view of the workers: who is live (from the control plane) and a channel to each."""
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from splitserve.controlplane import ControlPlane, ControlPlaneUnavailable, LiveWorker
+from splitserve.v1 import worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class WorkerDirectory:
+    """Live workers by role, and cached gRPC stubs by address.
+
+    A worker whose call failed is set aside for ``cooldown_seconds`` so that
+    retries go elsewhere even before its registration lapses.
+    """
+
+    def __init__(self, control_plane: ControlPlane, cooldown_seconds: float = 5.0, channel_credentials=None) -> None:
+        self.control_plane = control_plane
+        self.cooldown_seconds = cooldown_seconds
+        self.channel_credentials = channel_credentials
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._failed_at: dict[str, float] = {}
+        self.index_available = True
+
+    async def live(self, role: str) -> list[LiveWorker]:
+        now = time.monotonic()
+        workers = await self.control_plane.live_workers(role)
+        return [w for w in workers if now - self._failed_at.get(w.info.worker_id, -1e9) > self.cooldown_seconds]
+
+    async def match_prefix(self, block_hashes: list[bytes], workers: list[LiveWorker]) -> dict[str, int] | None:
+        """Prefix matches, or None when the index is unreachable (route by load, say so once)."""
+        try:
+            matches = await self.control_plane.match_prefix(block_hashes, [w.info.worker_id for w in workers])
+        except ControlPlaneUnavailable as e:
+            if self.index_available:
+                log.warning("prefix index unavailable, routing by load only: %s", e)
+            self.index_available = False
+            return None
+        if not self.index_available:
+            log.info("prefix index available again")
+        self.index_available = True
+        return matches
+
+    def mark_failed(self, worker_id: str) -> None:
+        self._failed_at[worker_id] = time.monotonic()
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.enable_retries", 0)]
+            if self.channel_credentials is not None:
+                channel = grpc.aio.secure_channel(address, self.channel_credentials, options=options)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=options)
+            self._channels[address] = channel
+        return channel
+
+    def prefill_stub(self, address: str) -> worker_pb2_grpc.PrefillWorkerStub:
+        return worker_pb2_grpc.PrefillWorkerStub(self.channel(address))
+
+    def decode_stub(self, address: str) -> worker_pb2_grpc.DecodeWorkerStub:
+        return worker_pb2_grpc.DecodeWorkerStub(self.channel(address))
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

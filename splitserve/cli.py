@@ -1,0 +1,176 @@
+"""The `splitserve` command: model init, up, router, prefill, decode, generate, bench."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+DEMO_DIR = Path.home() / ".cache" / "splitserve" / "demo-llama-tiny"
+
+
+def _add_listen(p: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
+    p.add_argument("--port", type=int, default=port, help="gRPC port (0: any free port)")
+    p.add_argument("--metrics-port", type=int, default=metrics_port, help="Prometheus /metrics port (-1: off)")
+    p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight requests on SIGTERM")
+
+
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="local Hugging Face checkpoint directory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache budget on CPU")
+    p.add_argument("--num-blocks", type=int, default=None, help="fixed number of KV blocks (overrides the budget)")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size (only 1 is implemented so far)")
+
+
+def _add_worker(p: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
+    _add_engine(p)
+    _add_listen(p, port, metrics_port)
+    p.add_argument("--worker-id", default=None, help="stable id of this worker (default: role-host-port)")
+    p.add_argument("--advertise-address", default=None, help="host:port the router and peers reach this worker at")
+    p.add_argument("--control-plane", required=True, help="redis://HOST:PORT/DB, or grpc://ROUTER:PORT for a router's embedded store")
+    p.add_argument("--lease-seconds", type=float, default=30.0)
+    p.add_argument("--transfer-timeout", type=float, default=10.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitserve", description="LLM serving with prefill and decode disaggregated")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="checkpoint tools").add_subparsers(dest="model_command", required=True)
+    init = model.add_parser(
+        "init",
+        help="write a RANDOM-WEIGHT checkpoint of a real architecture (it produces meaningless text)",
+        description="Writes a random-weight checkpoint of a real architecture plus a tokenizer built locally. "
+        "Such a model produces meaningless text: it is for tests, demos and speed measurements. Nothing is downloaded.",
+    )
+    init.add_argument("out_dir", type=Path)
+    init.add_argument("--arch", default="llama", choices=("llama", "qwen2", "qwen3", "mistral"))
+    init.add_argument("--preset", default="tiny")
+    init.add_argument("--dtype", default=None)
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--device", default="cpu", help="where to generate the random weights (cuda is faster for big presets)")
+    init.add_argument("--overwrite", action="store_true")
+
+    up = sub.add_parser("up", help="router + one prefill + one decode worker on this machine")
+    up.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: a random-weight demo model)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=50051)
+    up.add_argument("--device", default="cpu")
+    up.add_argument("--prefill-threshold", type=int, default=0, help="prompts shorter than this skip the prefill worker")
+
+    router = sub.add_parser("router", help="the public gRPC front")
+    router.add_argument("--model", type=Path, required=True, help="checkpoint directory (for the tokenizer and limits)")
+    _add_listen(router, 50051, 9090)
+    router.add_argument("--control-plane", default="embedded", help="redis://... to share state between routers; embedded: in-process")
+    router.add_argument("--policy", default="prefix_aware", choices=("prefix_aware", "least_loaded", "round_robin"))
+    router.add_argument("--prefill-threshold", type=int, default=0, help="prompts shorter than this are prefilled on the decode worker")
+    router.add_argument("--block-size", type=int, default=16)
+    router.add_argument("--max-tokens-limit", type=int, default=4096)
+    router.add_argument("--default-max-tokens", type=int, default=256)
+    router.add_argument("--max-model-len", type=int, default=None)
+
+    _add_worker(sub.add_parser("prefill", help="a prefill worker"), 50061, 9091)
+    _add_worker(sub.add_parser("decode", help="a decode worker"), 50071, 9092)
+
+    gen = sub.add_parser("generate", help="stream a completion from a running router")
+    gen.add_argument("prompt")
+    gen.add_argument("--target", default="127.0.0.1:50051")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--ignore-eos", action="store_true")
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    bench.add_parser("serve", help="load generator against a live router", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "serve"]:
+        from splitserve.bench.serve import main as bench_main
+
+        return bench_main(argv[2:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "model":
+        from splitserve.models.checkpoint_init import init_checkpoint
+
+        path = init_checkpoint(args.out_dir, args.arch, args.preset, dtype=args.dtype, seed=args.seed, device=args.device, overwrite=args.overwrite)
+        print(f"wrote a random-weight {args.arch} {args.preset} checkpoint to {path} (it produces meaningless text)")
+        return 0
+    if args.command == "up":
+        from splitserve.up import run_up
+
+        return run_up(args)
+    if args.command == "generate":
+        from splitserve.client import stream_to_terminal
+
+        return stream_to_terminal(args)
+    if args.command == "router":
+        return _run_router(args)
+    return _run_worker(args)
+
+
+def _run_router(args) -> int:
+    from splitserve.services.launch import Listen, RouterConfig, serve_router
+
+    listen = Listen(args.host, args.port, None if args.metrics_port < 0 else args.metrics_port, args.drain_seconds)
+    config = RouterConfig(
+        model_dir=args.model,
+        listen=listen,
+        control_plane_url=args.control_plane,
+        policy=args.policy,
+        prefill_threshold=args.prefill_threshold,
+        block_size=args.block_size,
+        default_max_tokens=args.default_max_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        max_model_len=args.max_model_len,
+    )
+    asyncio.run(serve_router(config))
+    return 0
+
+
+def _run_worker(args) -> int:
+    from splitserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, TransferConfig
+    from splitserve.services.launch import Listen, serve_worker
+    from splitserve.services.worker import WorkerConfig
+
+    if args.tp_size != 1:
+        print("error: --tp-size other than 1 is not implemented yet", file=sys.stderr)
+        return 2
+    engine = EngineConfig(
+        model=ModelConfig(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len),
+        cache=CacheConfig(
+            block_size=args.block_size,
+            kv_cache_bytes=args.kv_cache_mb * 1024 * 1024,
+            num_blocks=args.num_blocks,
+            enable_prefix_caching=not args.no_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+    )
+    worker_id = args.worker_id or f"{args.command}-{args.host}-{args.port}"
+    config = WorkerConfig(
+        role=args.command,
+        worker_id=worker_id,
+        address=args.advertise_address or f"{args.host}:{args.port}",
+        engine=engine,
+        transfer=TransferConfig(lease_seconds=args.lease_seconds, transfer_timeout_seconds=args.transfer_timeout),
+        control_plane_url=args.control_plane,
+    )
+    listen = Listen(args.host, args.port, None if args.metrics_port < 0 else args.metrics_port, args.drain_seconds)
+    asyncio.run(serve_worker(config, listen))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
