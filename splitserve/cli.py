@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--max-tokens-limit", type=int, default=4096)
     router.add_argument("--default-max-tokens", type=int, default=256)
     router.add_argument("--max-model-len", type=int, default=None)
+    router.add_argument("--max-inflight", type=int, default=1024, help="requests in flight before RESOURCE_EXHAUSTED")
 
     _add_worker(sub.add_parser("prefill", help="a prefill worker"), 50061, 9091)
     _add_worker(sub.add_parser("decode", help="a decode worker"), 50071, 9092)
@@ -135,6 +136,7 @@ def _run_router(args) -> int:
         default_max_tokens=args.default_max_tokens,
         max_tokens_limit=args.max_tokens_limit,
         max_model_len=args.max_model_len,
+        max_inflight=args.max_inflight,
     )
     asyncio.run(serve_router(config))
     return 0

@@ -1,0 +1,117 @@
+"""Real splitserve processes on loopback for tests: a router, prefill and decode workers, gRPC and NIXL."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from splitserve.v1 import worker_pb2 as worker_pb
+from splitserve.v1 import worker_pb2_grpc
+
+READY = re.compile(r"splitserve (\w+) listening on (\S+)")
+START_TIMEOUT = 180.0
+
+
+class Service:
+    """One `splitserve <role>` process; its output is kept for failure messages."""
+
+    def __init__(self, role: str, args: list[str], env: dict[str, str]) -> None:
+        self.role = role
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "splitserve.cli", role, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        self.lines: list[str] = []
+        self.address: str | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            match = READY.search(line)
+            if match and self.address is None:
+                self.address = match.group(2)
+                self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> str:
+        self._ready.wait(timeout)
+        if self.address is None:
+            self.kill()
+            raise RuntimeError(f"{self.role} did not start:\n{''.join(self.lines[-40:])}")
+        return self.address
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -9
+
+    def stats(self) -> worker_pb.WorkerStats:
+        with grpc.insecure_channel(self.address) as channel:
+            stub_cls = worker_pb2_grpc.PrefillWorkerStub if self.role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
+            return stub_cls(channel).GetStats(worker_pb.StatsRequest(), timeout=10)
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+class Cluster:
+    """A router with its embedded control plane, and any number of workers registered with it."""
+
+    def __init__(self, model_dir: Path, router_args: list[str] = (), worker_args: list[str] = ()) -> None:
+        self.model_dir = model_dir
+        self.worker_args = list(worker_args)
+        self.env = {**os.environ, "NIXL_LOG_LEVEL": "WARN", "PYTHONUNBUFFERED": "1"}
+        self.router = Service("router", ["--model", str(model_dir), "--port", "0", "--metrics-port", "0", *router_args], self.env)
+        self.address = self.router.wait_ready()
+        self.workers: list[Service] = []
+
+    def add_workers(self, *specs: tuple[str, str], extra: list[str] = ()) -> list[Service]:
+        """Starts workers in parallel; ``specs``: (role, worker_id). Waits until the router sees them."""
+        started = []
+        for role, worker_id in specs:
+            args = ["--model", str(self.model_dir), "--port", "0", "--metrics-port", "-1", "--worker-id", worker_id,
+                    "--control-plane", f"grpc://{self.address}", "--drain-seconds", "5", *self.worker_args, *extra]
+            started.append(Service(role, args, self.env))
+        for service in started:
+            service.wait_ready()
+        self.workers += started
+        return started
+
+    def stop(self) -> None:
+        for service in [*self.workers, self.router]:
+            service.stop()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,183 @@
+"""Through the public gRPC API of a real router, prefill and decode worker (one cluster for the module)."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from splitserve.testing.cluster import Cluster, wait_until
+from splitserve.client import AsyncClient, Client, build_request
+from splitserve.v1 import generation_pb2 as gen_pb
+from splitserve.v1 import generation_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def cluster(e2e_model_dir):
+    cluster = Cluster(e2e_model_dir, ["--max-tokens-limit", "512"], ["--num-blocks", "256", "--max-num-batched-tokens", "64"])
+    cluster.add_workers(("prefill", "prefill-a"), ("decode", "decode-a"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(e2e_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(e2e_model_dir, dtype=torch.float32).eval()
+
+    def greedy(prompt: list[int], max_tokens: int) -> list[int]:
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[0, len(prompt) :].tolist()
+
+    return greedy
+
+
+def _assert_blocks_all_free(cluster: Cluster) -> None:
+    def settled() -> bool:
+        for worker in cluster.workers:
+            s = worker.stats()
+            if s.num_free_blocks != s.num_total_blocks or s.num_pinned_blocks or s.num_running or s.num_waiting:
+                return False
+        return True
+
+    assert wait_until(settled), [str(w.stats()) for w in cluster.workers]
+
+
+def test_32_concurrent_streams_are_token_exact(cluster, reference):
+    rng = random.Random(0)
+    vocab = Client(cluster.address).model_info().vocab_size
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randrange(1, 90))] for _ in range(32)]
+    max_tokens = [rng.randrange(1, 24) for _ in prompts]
+
+    async def run():
+        client = AsyncClient(cluster.address)
+        try:
+            return await asyncio.gather(
+                *(client.complete(p, max_tokens=m, ignore_eos=True, timeout=120) for p, m in zip(prompts, max_tokens))
+            )
+        finally:
+            await client.close()
+
+    results = asyncio.run(run())
+    for prompt, m, result in zip(prompts, max_tokens, results):
+        assert result.token_ids == reference(prompt, m)
+        assert result.completion_tokens == m == len(result.token_ids)
+        assert result.prompt_tokens == len(prompt)
+        assert result.finish_reason == "length"
+    _assert_blocks_all_free(cluster)
+    decode = next(w for w in cluster.workers if w.role == "decode").stats()
+    assert decode.num_kv_transfers > 0 and decode.num_kv_bytes_transferred > 0
+
+
+def test_text_prompt_streams_text_and_usage(cluster, e2e_model_dir, reference):
+    tokenizer = AutoTokenizer.from_pretrained(e2e_model_dir)
+    client = Client(cluster.address)
+    prompt = "héllo wörld 日本語, a prompt long enough to span blocks " * 2
+    deltas = list(client.stream(prompt, max_tokens=20, ignore_eos=True, timeout=60))
+    final = deltas[-1].final
+    ids = [t for d in deltas[:-1] for t in d.delta.token_ids]
+    text = "".join(d.delta.text for d in deltas[:-1])
+    assert ids == reference(tokenizer.encode(prompt), 20)
+    assert text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert final.usage.completion_tokens == 20 and final.usage.prompt_tokens == len(tokenizer.encode(prompt))
+
+
+def test_stop_string_ends_the_stream_and_frees_blocks(cluster, e2e_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(e2e_model_dir)
+    client = Client(cluster.address)
+    full = client.complete("stop strings", max_tokens=30, ignore_eos=True, timeout=60)
+    # Pick a stop string from the middle of what the model says anyway.
+    text = tokenizer.decode(full.token_ids, skip_special_tokens=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), text
+    cut = client.complete("stop strings", max_tokens=30, ignore_eos=True, stop=[stop], timeout=60)
+    assert cut.finish_reason == "stop"
+    assert cut.text == text[: text.index(stop)]
+    assert cut.completion_tokens < 30
+    _assert_blocks_all_free(cluster)
+
+
+def test_second_request_hits_the_prefix_cache(cluster):
+    client = Client(cluster.address)
+    prompt = list(range(10, 10 + 80))
+    first = client.complete(prompt, max_tokens=4, ignore_eos=True, timeout=60)
+    second = client.complete(prompt + [7, 8], max_tokens=4, ignore_eos=True, timeout=60)
+    assert second.cached_prompt_tokens >= 64 > first.cached_prompt_tokens
+    assert second.completion_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "fields, field_name",
+    [
+        ({"text": ""}, "text"),
+        ({"token_ids": [1, 10**6]}, "token_ids"),
+        ({"token_ids": [3 + i % 500 for i in range(5000)]}, "prompt"),
+        ({"max_tokens": 100000}, "max_tokens"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": -3}, "top_k"),
+        ({"presence_penalty": 5.0}, "presence_penalty"),
+    ],
+)
+def test_bad_input_is_invalid_argument_naming_the_field(cluster, fields, field_name):
+    stub = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(cluster.address))
+    prompt = fields.pop("token_ids", None)
+    request = build_request(prompt if prompt is not None else "ok", max_tokens=fields.pop("max_tokens", 4), **fields)
+    if "text" in fields:
+        request.text = fields["text"]
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Generate(request, timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_name in info.value.details()
+    # The service keeps serving.
+    assert Client(cluster.address).complete("still here", max_tokens=2, ignore_eos=True, timeout=30).completion_tokens == 2
+
+
+def test_client_cancel_mid_stream_frees_blocks_on_both_workers(cluster):
+    channel = grpc.insecure_channel(cluster.address)
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    call = stub.Generate(build_request(list(range(5, 60)), max_tokens=500, ignore_eos=True), timeout=60)
+    received = 0
+    for response in call:
+        received += len(response.delta.token_ids)
+        if received >= 5:
+            call.cancel()
+            break
+    assert received >= 5
+    _assert_blocks_all_free(cluster)
+
+
+def test_deadline_ends_the_stream_with_deadline_exceeded(cluster):
+    client = Client(cluster.address)
+    with pytest.raises(grpc.RpcError) as info:
+        client.complete(list(range(5, 40)), max_tokens=500, ignore_eos=True, timeout_seconds=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(grpc.RpcError) as info:
+        client.complete(list(range(5, 40)), max_tokens=500, ignore_eos=True, timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _assert_blocks_all_free(cluster)
+
+
+def test_health_and_reflection_on_every_service(cluster):
+    for address, service in [(cluster.address, "splitserve.v1.Generation")] + [
+        (w.address, f"splitserve.v1.{'PrefillWorker' if w.role == 'prefill' else 'DecodeWorker'}") for w in cluster.workers
+    ]:
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+            from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+            names = {s.name for s in replies[0].list_services_response.service}
+            assert service in names and "grpc.health.v1.Health" in names
+
+
+def test_model_info(cluster, e2e_model_dir):
+    info = Client(cluster.address).model_info()
+    assert info.architecture == "LlamaForCausalLM" and info.vocab_size > 0 and info.max_tokens_limit == 512
+    assert isinstance(info, gen_pb.ModelInfo)
