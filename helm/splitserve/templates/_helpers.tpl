@@ -1,0 +1,155 @@
+{{/* Names, labels and the small pieces every component shares. */}}
+
+{{- define "splitserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "splitserve.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A component's resource name: (dict "ctx" $ "component" "prefill") */}}
+{{- define "splitserve.componentName" -}}
+{{- printf "%s-%s" (include "splitserve.fullname" .ctx | trunc 50 | trimSuffix "-") .component -}}
+{{- end -}}
+
+{{- define "splitserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "splitserve.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "splitserve.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "splitserve.selectorLabels" . }}
+app.kubernetes.io/part-of: splitserve
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- end -}}
+
+{{- define "splitserve.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "splitserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "splitserve.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "splitserve.plannerServiceAccountName" -}}
+{{- include "splitserve.componentName" (dict "ctx" . "component" "planner") -}}
+{{- end -}}
+
+{{/* The checkpoint directory as the processes see it. */}}
+{{- define "splitserve.modelDir" -}}
+{{- if .Values.model.dir -}}
+{{- printf "%s/%s" (trimSuffix "/" .Values.model.mountPath) (trimPrefix "/" .Values.model.dir) -}}
+{{- else -}}
+{{- .Values.model.mountPath -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "splitserve.redisPasswordSecretName" -}}
+{{- if .Values.redis.passwordSecret.name -}}
+{{- .Values.redis.passwordSecret.name -}}
+{{- else if eq .Values.redis.mode "bundled" -}}
+{{- include "splitserve.componentName" (dict "ctx" . "component" "redis") -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "splitserve.redisUrl" -}}
+{{- if eq .Values.redis.mode "external" -}}
+{{- required "redis.external.url is required when redis.mode is external" .Values.redis.external.url -}}
+{{- else -}}
+{{- printf "redis://%s:6379/0" (include "splitserve.componentName" (dict "ctx" . "component" "redis")) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Env for every process that talks to the control plane. */}}
+{{- define "splitserve.redisEnv" -}}
+{{- $secret := include "splitserve.redisPasswordSecretName" . -}}
+{{- if $secret -}}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ .Values.redis.passwordSecret.key }}
+{{- end }}
+{{- end -}}
+
+{{/* The model volume for the chosen source. */}}
+{{- define "splitserve.modelVolume" -}}
+- name: model
+{{- if eq .Values.model.source "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ required "model.pvc.claimName is required when model.source is pvc" .Values.model.pvc.claimName }}
+    readOnly: true
+{{- else if eq .Values.model.source "hostPath" }}
+  hostPath:
+    path: {{ required "model.hostPath.path is required when model.source is hostPath" .Values.model.hostPath.path }}
+    type: {{ .Values.model.hostPath.type }}
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ .Values.model.image.sizeLimit }}
+{{- end }}
+{{- end -}}
+
+{{- define "splitserve.modelVolumeMount" -}}
+- name: model
+  mountPath: {{ .Values.model.mountPath }}
+  readOnly: true
+{{- end -}}
+
+{{/* Copies the checkpoint out of model.image when that is the source. */}}
+{{- define "splitserve.modelInitContainers" -}}
+{{- if eq .Values.model.source "image" -}}
+- name: copy-model
+  image: {{ printf "%s:%s" (required "model.image.repository is required when model.source is image" .Values.model.image.repository) .Values.model.image.tag }}
+  imagePullPolicy: {{ .Values.model.image.pullPolicy }}
+  command: ["cp", "-a", "{{ trimSuffix "/" .Values.model.image.sourcePath }}/.", "{{ .Values.model.mountPath }}/"]
+  volumeMounts:
+    - name: model
+      mountPath: {{ .Values.model.mountPath }}
+{{- end }}
+{{- end -}}
+
+{{/* preStop: keep serving while endpoints and the control plane drop the pod. */}}
+{{- define "splitserve.preStop" -}}
+{{- if gt (int .) 0 -}}
+lifecycle:
+  preStop:
+    sleep:
+      seconds: {{ int . }}
+{{- end }}
+{{- end -}}
+
+{{/* --drain-seconds: what is left of the grace period after preStop, less time to exit. */}}
+{{- define "splitserve.drainSeconds" -}}
+{{- sub (int .terminationGracePeriodSeconds) (add (int .preStopSleepSeconds) 10) | max 1 -}}
+{{- end -}}
+
+{{- define "splitserve.scrapeAnnotations" -}}
+{{- if .ctx.Values.monitoring.scrapeAnnotations -}}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .port | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- end -}}
+
+{{/* True when something other than the chart owns a pool's replica count. */}}
+{{- define "splitserve.replicasManaged" -}}
+{{- $pool := index .ctx.Values .component -}}
+{{- if or $pool.autoscaling.enabled .ctx.Values.planner.enabled -}}true{{- end -}}
+{{- end -}}

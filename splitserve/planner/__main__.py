@@ -1,0 +1,5 @@
+import sys
+
+from splitserve.planner.cli import run_planner
+
+sys.exit(run_planner())

@@ -1,0 +1,97 @@
+"""``python -m splitserve.planner``: scale the prefill and decode Deployments from their metrics."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+from splitserve.planner.decision import Planner
+from splitserve.planner.kube import DeploymentScaler
+from splitserve.planner.loop import PlannerTelemetry, PoolHandle, run_forever, run_once
+from splitserve.planner.policy import POOLS, PolicyError, load_policies
+from splitserve.planner.sources import PodScrapeSource, PrometheusSource
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="splitserve planner", description=__doc__)
+    p.add_argument("--namespace", required=True)
+    p.add_argument("--prefill-deployment", required=True)
+    p.add_argument("--decode-deployment", required=True)
+    p.add_argument("--policy", help="YAML with the pools' bounds, cooldowns and targets (defaults when left out)")
+    p.add_argument("--interval", type=float, default=15.0, help="seconds between rounds")
+    p.add_argument("--metrics-source", choices=["pods", "prometheus"], default="pods")
+    p.add_argument("--prometheus-url", help="Prometheus base URL, for --metrics-source=prometheus")
+    for pool in POOLS:
+        p.add_argument(f"--prometheus-selector-{pool}",
+                       help=f'label matcher for the {pool} pods (default: namespace and pod name prefix)')
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then the usual lookup)")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve the planner's own /metrics here (0: off)")
+    p.add_argument("--dry-run", action="store_true", help="log decisions, change nothing")
+    p.add_argument("--once", action="store_true", help="run one round and exit")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def _kubernetes_apis(kubeconfig: str | None):
+    from kubernetes import client, config
+
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig)
+    else:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+    return client.AppsV1Api(), client.CoreV1Api()
+
+
+def build_pools(args: argparse.Namespace, apps_api, core_api) -> list[PoolHandle]:
+    pools = []
+    for pool in POOLS:
+        deployment = getattr(args, f"{pool}_deployment")
+        scaler = DeploymentScaler(apps_api, core_api, args.namespace, deployment)
+        if args.metrics_source == "prometheus":
+            selector = getattr(args, f"prometheus_selector_{pool}") or \
+                f'namespace="{args.namespace}",pod=~"{deployment}-[a-z0-9]+-[a-z0-9]+"'
+            source = PrometheusSource(args.prometheus_url, selector, window=f"{max(int(args.interval * 4), 60)}s")
+        else:
+            source = PodScrapeSource(scaler.list_metrics_targets)
+        pools.append(PoolHandle(pool, scaler, source))
+    return pools
+
+
+def run_planner(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.metrics_source == "prometheus" and not args.prometheus_url:
+        parser.error("--prometheus-url is required with --metrics-source=prometheus")
+    if args.interval <= 0:
+        parser.error("--interval must be positive")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        policies = load_policies(args.policy)
+    except (PolicyError, OSError) as e:
+        parser.error(f"--policy: {e}")
+
+    apps_api, core_api = _kubernetes_apis(args.kubeconfig)
+    pools = build_pools(args, apps_api, core_api)
+    # Samples older than a few rounds mean the source is stuck, not that load is steady.
+    planner = Planner(policies, max_sample_age_s=3 * args.interval)
+    telemetry = PlannerTelemetry()
+    if args.once:
+        for d in run_once(planner, pools, dry_run=args.dry_run, telemetry=telemetry):
+            print(f"{d.pool}: {d.current_replicas} -> {d.desired_replicas} ({d.reason})")
+        return 0
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, registry=telemetry.registry)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    logging.getLogger("splitserve.planner").info(
+        "planning %s in %s every %gs from %s%s", ", ".join(f"{p.name}={p.scaler.name}" for p in pools),
+        args.namespace, args.interval, args.metrics_source, " (dry run)" if args.dry_run else "")
+    run_forever(planner, pools, interval_s=args.interval, stop=stop, dry_run=args.dry_run, telemetry=telemetry)
+    return 0
