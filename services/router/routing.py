@@ -47,7 +47,12 @@ class CostWeights:
     # Prefill cost in prompt tokens: the worker's uncached part of this prompt,
     # plus load_weight times the work queued ahead of it there (tokens in
     # flight, and tokens_per_request for each waiting or running request).
-    load_weight: float = 1.0
+    # 1.0 would minimise this request's time to first token alone; below 1 a
+    # cache hit is worth some queueing, because sending a prefix elsewhere
+    # computes it twice and caches it twice, and the copies crowd each other
+    # out. Simulated shared-prefix traffic (tests/router/test_routing_index.py)
+    # thrashes at 1.0 and computes each prefix once at 0.5.
+    load_weight: float = 0.5
     tokens_per_request: int = 64
     # Decode cost: fraction of the KV cache in use once the request is placed,
     # plus decode_request_weight per running or waiting request.
@@ -123,15 +128,13 @@ class PrefixAwarePolicy:
         num_prompt_tokens: int | None = None,
     ) -> RoutingDecision:
         _require(candidates, "prefill")
-        tie_key = block_hashes[0] if block_hashes else b""
         num_matched = matches if matches is not None else {}
-        best_cost, best_rank, best = None, 0, candidates[0]
+        costs = []
         for worker in candidates:
             num_tokens = num_prompt_tokens if num_prompt_tokens is not None else len(block_hashes) * worker.info.block_size
-            cost = prefill_cost(worker, num_tokens, num_matched.get(worker.info.worker_id, 0), self.weights)
-            rank = rendezvous_rank(tie_key, worker.info.worker_id)
-            if best_cost is None or cost < best_cost or (cost == best_cost and rank > best_rank):
-                best_cost, best_rank, best = cost, rank, worker
+            costs.append(prefill_cost(worker, num_tokens, num_matched.get(worker.info.worker_id, 0), self.weights))
+        best_cost = min(costs)
+        best = _break_tie([w for w, c in zip(candidates, costs) if c == best_cost], block_hashes[0] if block_hashes else b"")
         num_blocks = num_matched.get(best.info.worker_id, 0)
         num_tokens = num_prompt_tokens if num_prompt_tokens is not None else len(block_hashes) * best.info.block_size
         num_cached_tokens = min(num_blocks * best.info.block_size, num_tokens)
@@ -147,14 +150,13 @@ class PrefixAwarePolicy:
 
     def pick_decode(self, candidates: Sequence[LiveWorker], num_blocks_needed: int, tie_key: bytes = b"") -> RoutingDecision:
         _require(candidates, "decode")
-
-        def key(worker: LiveWorker) -> tuple[bool, float, int]:
-            fits = worker.load.num_free_blocks >= num_blocks_needed
-            cost = decode_cost(worker, num_blocks_needed, self.weights)
-            return (not fits, cost, -rendezvous_rank(tie_key, worker.info.worker_id))
-
-        best = min(candidates, key=key)
-        no_room, cost, _ = key(best)
+        # A worker the request fits in now beats every worker it does not fit in, however idle.
+        keys = [
+            (w.load.num_free_blocks < num_blocks_needed, decode_cost(w, num_blocks_needed, self.weights)) for w in candidates
+        ]
+        best_key = min(keys)
+        best = _break_tie([w for w, k in zip(candidates, keys) if k == best_key], tie_key)
+        no_room, cost = best_key
         return RoutingDecision(best.info.worker_id, best.info.address, self.name, "no_capacity" if no_room else "fits", 0, cost)
 
 
@@ -215,6 +217,12 @@ def make_policy(name: str, weights: CostWeights = CostWeights()) -> RoutingPolic
     if name == "round_robin":
         return RoundRobinPolicy()
     raise ValueError(f"routing policy must be one of {POLICIES}, got {name!r}")
+
+
+def _break_tie(tied: list[LiveWorker], tie_key: bytes) -> LiveWorker:
+    if len(tied) == 1:
+        return tied[0]
+    return max(tied, key=lambda w: rendezvous_rank(tie_key, w.info.worker_id))
 
 
 def _require(candidates: Sequence[LiveWorker], role: str) -> None:

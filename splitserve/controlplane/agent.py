@@ -1,0 +1,146 @@
+"""The worker's side of the control plane: stay registered, keep the index true.
+
+A worker builds one WorkerAgent, starts it, and hands it its KV events as its
+prefix cache changes. Whenever the index may have drifted from the cache (the
+store was unreachable and events were dropped, the TTL lapsed, an embedded
+store restarted with the router), the agent registers afresh, which drops
+the worker's old entries, and republishes every block it holds. Stale entries
+never outlive a resync; missing ones only cost cache hits until then.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from splitserve.controlplane.interface import ControlPlane, check_ttl
+from splitserve.controlplane.types import ControlPlaneUnavailable, KVEvent, KVEventKind, WorkerInfo, WorkerLoad
+
+logger = logging.getLogger(__name__)
+
+# Block hashes per publish call (~64 KiB): keeps gRPC messages far below their
+# 4 MiB limit and Redis transactions short, however large a snapshot or an event.
+EVENT_BATCH_SIZE = 4096
+
+
+class WorkerAgent:
+    def __init__(
+        self,
+        control_plane: ControlPlane,
+        info: WorkerInfo,
+        get_load: Callable[[], WorkerLoad],
+        get_block_hashes: Callable[[], Iterable[bytes]],
+        ttl_seconds: float = 10.0,
+    ) -> None:
+        """``get_load`` and ``get_block_hashes`` (every block in the prefix cache) are called on the event loop."""
+        check_ttl(ttl_seconds)
+        self._control_plane = control_plane
+        self._info = info
+        self._get_load = get_load
+        self._get_block_hashes = get_block_hashes
+        self._ttl_seconds = ttl_seconds
+        # Publishing and resyncing never interleave, so the index sees the
+        # snapshot and the events in the order the cache produced them.
+        self._lock = asyncio.Lock()
+        self._in_sync = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def in_sync(self) -> bool:
+        return self._in_sync
+
+    async def start(self) -> None:
+        """Registers (or keeps trying in the background) and starts heartbeating every ttl/3."""
+        async with self._lock:
+            await self._resync()
+        if not self._in_sync:
+            logger.warning("worker %s could not register yet; retrying every %.1fs", self._info.worker_id, self._ttl_seconds / 3)
+        self._task = asyncio.create_task(self._heartbeat_loop(), name=f"control-plane-agent-{self._info.worker_id}")
+
+    async def publish(self, events: Sequence[KVEvent]) -> None:
+        """Publishes KV events; while out of sync they are dropped (the next resync covers them)."""
+        if not events:
+            return
+        async with self._lock:
+            if not self._in_sync:
+                return
+            try:
+                for batch in batched_events(events, EVENT_BATCH_SIZE):
+                    await self._control_plane.publish_kv_events(self._info.worker_id, batch)
+            except ControlPlaneUnavailable as e:
+                self._lost(e)
+
+    async def stop(self) -> None:
+        """Stops heartbeating and deregisters, so routers drop the worker now rather than after its TTL."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        async with self._lock:
+            try:
+                await self._control_plane.deregister(self._info.worker_id)
+            except ControlPlaneUnavailable as e:
+                logger.warning("could not deregister %s: %s", self._info.worker_id, e)
+            self._in_sync = False
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl_seconds / 3)
+            try:
+                async with self._lock:
+                    await self._beat()
+            except Exception:
+                # A bug must not silently end the heartbeats (the worker would
+                # vanish from routing a TTL later with nothing in the logs).
+                logger.exception("control plane heartbeat of %s failed", self._info.worker_id)
+
+    async def _beat(self) -> None:
+        if not self._in_sync:
+            await self._resync()
+            return
+        try:
+            registered = await self._control_plane.heartbeat(self._info.worker_id, self._get_load())
+        except ControlPlaneUnavailable as e:
+            self._lost(e)
+            return
+        if not registered:
+            logger.warning("control plane forgot worker %s; registering again", self._info.worker_id)
+            await self._resync()
+
+    async def _resync(self) -> None:
+        try:
+            await self._control_plane.register(self._info, self._ttl_seconds, self._get_load())
+            block_hashes = iter(self._get_block_hashes())
+            while batch := tuple(itertools.islice(block_hashes, EVENT_BATCH_SIZE)):
+                await self._control_plane.publish_kv_events(self._info.worker_id, [KVEvent.stored(batch)])
+        except ControlPlaneUnavailable as e:
+            self._lost(e)
+            return
+        if not self._in_sync:
+            logger.info("worker %s registered with the control plane", self._info.worker_id)
+        self._in_sync = True
+
+    def _lost(self, error: ControlPlaneUnavailable) -> None:
+        if self._in_sync:
+            logger.warning("worker %s lost the control plane, will resync: %s", self._info.worker_id, error)
+        self._in_sync = False
+
+
+def batched_events(events: Sequence[KVEvent], max_block_hashes: int) -> Iterator[list[KVEvent]]:
+    """The events in order, split into lists carrying at most ``max_block_hashes`` hashes each."""
+    batch: list[KVEvent] = []
+    num_hashes = 0
+    for event in events:
+        hashes = event.block_hashes
+        while num_hashes + len(hashes) > max_block_hashes:
+            room = max_block_hashes - num_hashes
+            if room > 0:
+                batch.append(KVEvent(event.kind, hashes[:room]))
+            yield batch
+            batch, num_hashes, hashes = [], 0, hashes[room:]
+        if hashes or event.kind is KVEventKind.CLEARED:
+            batch.append(event if hashes is event.block_hashes else KVEvent(event.kind, hashes))
+            num_hashes += len(hashes)
+    if batch:
+        yield batch
