@@ -36,6 +36,7 @@ def _start(args: list[str], name: str, timeout: float = 300.0) -> tuple[subproce
             if match and not ready.is_set():
                 found.append(match.group(2))
                 ready.set()
+                line = f"ready at {match.group(2)}\n"  # the whole platform's ready line comes last
             sys.stdout.write(f"[{name}] {line}")
             sys.stdout.flush()
         ready.set()
@@ -77,7 +78,7 @@ def run_up(args) -> int:
         for role in ("prefill", "decode"):
             proc, _ = _start([role, *common, "--worker-id", f"{role}-0"], role)
             procs.append(proc)
-        print(f"splitserve is up: router at {address} (gRPC splitserve.v1.Generation). Ctrl-C stops it.", flush=True)
+        print(f"splitserve router listening on {address} (gRPC splitserve.v1.Generation; prefill and decode ready). Ctrl-C stops it.", flush=True)
         while not stop.is_set() and all(p.poll() is None for p in procs):
             stop.wait(0.5)
         failed = [p for p in procs if p.poll() not in (None, 0)]

@@ -3,7 +3,6 @@ checkpoint: the results file is consistent with itself and with what the server
 reported, and injected failures are reported as failures with their gRPC codes."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import queue
 import re
@@ -19,13 +18,7 @@ import pytest
 
 from splitserve.bench.serve import main
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("splitserve.services.router.server") is None,
-        reason="splitserve.services.router.server does not exist yet: no router to benchmark",
-    ),
-]
+pytestmark = [pytest.mark.slow]
 
 LISTENING = re.compile(r"splitserve router listening on (\S+):(\d+)")
 STARTUP_TIMEOUT_S = 240.0
