@@ -49,21 +49,25 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         prompt = list(engine_request.prompt_token_ids)
         loop = self.runtime.loop
-        if request.HasField("kv"):
-            kv = request.kv
+        kv = request.kv if request.HasField("kv") else None
+        if kv is not None:
             try:
                 await self._ensure_peer(kv)
             except (KVTransferError, grpc.aio.AioRpcError) as e:
-                await self._release_remote(kv, request_id)
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot reach KV of {request_id} on {kv.worker_id}: {e}")
-            first = token_logprob_from_proto(request.first_token, True)
+                # An incompatible or unreachable peer: refuse its KV, compute the prompt here instead.
+                log.warning("refusing KV of %s from %s, prefilling locally: %s", request_id, kv.worker_id, _describe(e))
+                self.runtime.metrics.error("kv_peer_refused")
+                asyncio.ensure_future(self._release_remote(kv, request_id))
+                kv = None
+        # The first token was sampled by the prefill worker (and already streamed): decode continues after it.
+        first = token_logprob_from_proto(request.first_token, True) if request.HasField("first_token") else None
+        remote = None
+        if kv is not None:
             self._handles[request_id] = kv
-            submit = lambda: loop.submit(  # noqa: E731
-                request_id, prompt, params, remote_kv=RemoteKV(list(kv.block_ids), kv.num_tokens), first_token=first
-            )
+            remote = RemoteKV(list(kv.block_ids), kv.num_tokens)
         else:
             self.num_local_prefills += 1
-            submit = lambda: loop.submit(request_id, prompt, params)  # noqa: E731
+        submit = lambda: loop.submit(request_id, prompt, params, remote_kv=remote, first_token=first)  # noqa: E731
         stream = await run_engine_request(self.runtime, context, submit)
         finished = False
         last = time.perf_counter()
@@ -194,3 +198,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         for channel in self._channels.values():
             await channel.close()
 
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return str(error)
