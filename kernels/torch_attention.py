@@ -11,9 +11,9 @@ from splitserve.kernels.attention_metadata import AttentionMetadata
 
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-    """``kv_layer``: [num_blocks, 2, block_size, num_kv_heads, head_dim]; ``k``, ``v``: [T, num_kv_heads, head_dim]."""
-    kv_layer[meta.slot_block, 0, meta.slot_offset] = k
-    kv_layer[meta.slot_block, 1, meta.slot_offset] = v
+    """``kv_layer``: [num_blocks, num_kv_heads, 2, block_size, head_dim]; ``k``, ``v``: [T, num_kv_heads, head_dim]."""
+    kv_layer[meta.slot_block, :, 0, meta.slot_offset] = k
+    kv_layer[meta.slot_block, :, 1, meta.slot_offset] = v
 
 
 class TorchAttention:
@@ -24,7 +24,7 @@ class TorchAttention:
         q: torch.Tensor,  # [T, num_heads, head_dim]
         k: torch.Tensor,  # [T, num_kv_heads, head_dim]
         v: torch.Tensor,
-        kv_layer: torch.Tensor,  # [num_blocks, 2, block_size, num_kv_heads, head_dim]
+        kv_layer: torch.Tensor,  # [num_blocks, num_kv_heads, 2, block_size, head_dim]
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
@@ -36,7 +36,7 @@ class TorchAttention:
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
             ctx = meta.context_lens[i]
             blocks = meta.block_tables[i][: -(-ctx // meta.block_size)]
-            cached = kv_layer[blocks].transpose(0, 1).reshape(2, -1, num_kv_heads, head_dim)[:, :ctx]
+            cached = kv_layer[blocks].permute(2, 0, 3, 1, 4).reshape(2, -1, num_kv_heads, head_dim)[:, :ctx]
             q_pos = torch.arange(ctx - (end - start), ctx, device=q.device).unsqueeze(1)
             k_pos = torch.arange(ctx, device=q.device).unsqueeze(0)
             mask = k_pos <= q_pos

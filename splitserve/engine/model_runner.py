@@ -15,9 +15,11 @@ from splitserve.models.loader import load_model
 class ModelRunner:
     """Holds the weights and the paged KV cache of one rank.
 
-    The KV cache is one tensor, block-major: [num_blocks, num_layers, 2, block_size,
-    num_kv_heads, head_dim], so each block is one contiguous byte range across all
-    layers and a whole block moves between workers as a single transfer descriptor.
+    The KV cache is one tensor, block-major with heads outermost: [num_blocks,
+    num_kv_heads, num_layers, 2, block_size, head_dim]. Each block is one contiguous
+    byte range across all layers, so a whole block moves between workers as a single
+    transfer descriptor, and a range of heads inside a block is contiguous too, so
+    workers of different TP sizes exchange head slices without a gather.
     """
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, tp: TPGroup = TPGroup()) -> None:
@@ -30,7 +32,7 @@ class ModelRunner:
         )
         self.dtype = next(self.model.parameters()).dtype
         attn = self.model.layers[0].self_attn
-        self.kv_block_shape = (self.arch.num_layers, 2, self.block_size, attn.num_kv_heads, attn.head_dim)
+        self.kv_block_shape = (attn.num_kv_heads, self.arch.num_layers, 2, self.block_size, attn.head_dim)
         self.num_blocks = self._num_blocks(cache_config)
         self.kv_cache = torch.zeros((self.num_blocks, *self.kv_block_shape), dtype=self.dtype, device=self.device)
         self.backend = select_backend(self.device)

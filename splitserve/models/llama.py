@@ -101,13 +101,13 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        kv_cache: torch.Tensor,  # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, num_layers, 2, block_size, head_dim]
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, kv_cache[:, i], meta, backend)
+            x = layer(x, positions, kv_cache[:, :, i], meta, backend)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
