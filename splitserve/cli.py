@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.add_argument("out_dir", type=Path)
     init.add_argument("--arch", default="llama", choices=("llama", "qwen2", "qwen3", "mistral"))
-    init.add_argument("--preset", default="tiny")
+    init.add_argument("--preset", default="tiny", help="tiny, or a real shape: llama-3.2-1b, llama-3.1-8b, qwen3-0.6b, qwen3-8b, ...")
     init.add_argument("--dtype", default=None)
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--device", default="cpu", help="where to generate the random weights (cuda is faster for big presets)")
@@ -92,11 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     bench.add_parser("serve", help="load generator against a live router", add_help=False)
+    sub.add_parser("planner", help="scale the prefill and decode pools on Kubernetes", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["planner"]:
+        from splitserve.planner import run_planner
+
+        return run_planner(argv[1:])
     if argv[:2] == ["bench", "serve"]:
         from splitserve.bench.serve import main as bench_main
 
@@ -106,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "model":
         from splitserve.models.checkpoint_init import init_checkpoint
 
-        path = init_checkpoint(args.out_dir, args.arch, args.preset, dtype=args.dtype, seed=args.seed, device=args.device, overwrite=args.overwrite)
+        try:
+            path = init_checkpoint(args.out_dir, args.arch, args.preset, dtype=args.dtype, seed=args.seed, device=args.device, overwrite=args.overwrite)
+        except (ValueError, FileExistsError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"wrote a random-weight {args.arch} {args.preset} checkpoint to {path} (it produces meaningless text)")
         return 0
     if args.command == "up":
