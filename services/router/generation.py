@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -25,6 +27,20 @@ log = logging.getLogger(__name__)
 # Worker failures after which the request goes to another worker.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED)
 PROMPT_TAIL_TOKENS = 4
+
+
+class GenerateError(Exception):
+    """Why a request was refused or failed: a gRPC status code and a message.
+
+    ``field`` names the offending request field for INVALID_ARGUMENT. The gRPC servicer
+    aborts with the code; the HTTP API maps it to a status (services/router/openai).
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -62,35 +78,50 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         )
 
     async def Generate(self, request: gen_pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        async with contextlib.aclosing(self.generate(request, context.time_remaining())) as stream:
+            try:
+                async for message in stream:
+                    yield message
+            except GenerateError as e:
+                await context.abort(e.code, e.message)
+
+    async def generate(self, request: gen_pb.GenerateRequest, timeout: float | None = None) -> AsyncIterator[gen_pb.GenerateResponse]:
+        """The request path that the gRPC and HTTP APIs share: check, route, prefill, decode, detokenize.
+
+        Yields Delta messages, then one Final; raises GenerateError. ``timeout`` is the
+        caller's own deadline in seconds (the gRPC call's), on top of the request's.
+        """
         if self.num_inflight >= self.settings.max_inflight:
             self.metrics.error("queue_full")
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.num_inflight} requests in flight; try again later")
+            raise GenerateError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.num_inflight} requests in flight; try again later")
         try:
             prepared = prepare(request, self.tokenizer, self.settings.limits)
         except InvalidRequestError as e:
             self.metrics.error("invalid_argument")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field) from None
+        deadline = None if timeout is None else time.monotonic() + timeout
         self.num_inflight += 1
         outcome = "error"
         try:
             async with asyncio.timeout(prepared.timeout_seconds):
-                async for message in self._generate(prepared, context):
+                async for message in self._generate(prepared, deadline):
                     yield message
             outcome = "ok"
         except TimeoutError:
             outcome = "deadline"
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"request timed out after {prepared.timeout_seconds}s")
-        except asyncio.CancelledError:
+            raise GenerateError(grpc.StatusCode.DEADLINE_EXCEEDED, f"request timed out after {prepared.timeout_seconds}s") from None
+        except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"
             raise
         finally:
             self.num_inflight -= 1
             self.metrics.outcome(outcome)
 
-    def _timeout(self, context: grpc.aio.ServicerContext) -> float | None:
-        return context.time_remaining()
+    @staticmethod
+    def _timeout(deadline: float | None) -> float | None:
+        return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
-    async def _prefill(self, prepared: PreparedRequest, block_hashes: list[bytes], context):
+    async def _prefill(self, prepared: PreparedRequest, block_hashes: list[bytes], deadline: float | None):
         """Runs the prompt on a prefill worker, trying others when one is down.
 
         Returns (PrefillResponse, worker address) or None when there is no
@@ -106,17 +137,18 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             num_prompt = len(prepared.engine_request.prompt_token_ids)
             decision = self.policy.pick_prefill(block_hashes, candidates, matches, num_prompt)
             try:
-                response = await self.workers.prefill_stub(decision.address).Prefill(request, timeout=self._timeout(context))
+                with self.workers.index.track(decision.worker_id, block_hashes, num_prompt - decision.num_cached_tokens):
+                    response = await self.workers.prefill_stub(decision.address).Prefill(request, timeout=self._timeout(deadline))
                 return response, decision.address
             except grpc.aio.AioRpcError as e:
                 if e.code() not in RETRYABLE:
-                    await context.abort(e.code(), e.details())
+                    raise GenerateError(e.code(), e.details()) from None
                 log.warning("prefill worker %s failed (%s: %s); trying another", decision.worker_id, e.code().name, e.details())
                 self.metrics.error("prefill_worker_failed")
                 self.workers.mark_failed(decision.worker_id)
                 tried.add(decision.worker_id)
 
-    async def _generate(self, prepared: PreparedRequest, context):
+    async def _generate(self, prepared: PreparedRequest, deadline: float | None):
         engine_request = prepared.engine_request
         prompt = list(engine_request.prompt_token_ids)
         block_hashes = hash_request_tokens(prompt, self.settings.block_size)
@@ -127,7 +159,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         decode_request = worker_pb.DecodeRequest(request=engine_request)
         prefill = None
         if not should_skip_prefill(len(prompt), self.settings.prefill_threshold):
-            prefill = await self._prefill(prepared, block_hashes, context)
+            prefill = await self._prefill(prepared, block_hashes, deadline)
         released = prefill is None or not prefill[0].HasField("kv")
         try:
             if prefill is not None:
@@ -146,7 +178,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 decode_request = worker_pb.DecodeRequest(
                     request=engine_request, first_token=response.first_token, kv=response.kv, num_cached_tokens=num_cached
                 )
-            async for message in self._decode(decode_request, prepared, detok, context, start, num_tokens == 0):
+            async for message in self._decode(decode_request, prepared, detok, deadline, start, num_tokens == 0):
                 if isinstance(message, tuple):
                     added, finish, cached = message
                     num_tokens += added
@@ -161,17 +193,19 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 # Decode never took the KV (it failed, or the client left): unpin it now, not at lease expiry.
                 asyncio.ensure_future(self._release(prefill[1], engine_request.request_id))
 
-    async def _decode(self, decode_request, prepared, detok, context, start, first_from_decode):
+    async def _decode(self, decode_request, prepared, detok, deadline, start, first_from_decode):
         """Yields Delta responses, and (num_tokens, finish, num_cached) tuples as bookkeeping."""
         with_logprobs = prepared.engine_request.logprobs or prepared.engine_request.top_logprobs > 0
         candidates = await self.workers.live("decode")
         if not candidates:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no decode worker is available")
+            raise GenerateError(grpc.StatusCode.UNAVAILABLE, "no decode worker is available")
         num_blocks = -(-(len(prepared.engine_request.prompt_token_ids) + 1) // self.settings.block_size)
         decision = self.policy.pick_decode(candidates, num_blocks, prepared.engine_request.request_id.encode())
-        call = self.workers.decode_stub(decision.address).Decode(decode_request, timeout=self._timeout(context))
+        call = self.workers.decode_stub(decision.address).Decode(decode_request, timeout=self._timeout(deadline))
         finish = gen_pb.FINISH_REASON_UNSPECIFIED
         last = time.perf_counter()
+        tracked = self.workers.index.track(decision.worker_id, num_blocks=num_blocks)
+        tracked.__enter__()
         try:
             async for response in call:
                 now = time.perf_counter()
@@ -195,8 +229,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             self.metrics.error("decode_worker_failed")
             self.workers.mark_failed(decision.worker_id)
             code = e.code() if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED) else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"decode worker {decision.worker_id} failed: {e.code().name}: {e.details()}")
+            raise GenerateError(code, f"decode worker {decision.worker_id} failed: {e.code().name}: {e.details()}") from None
         finally:
+            tracked.__exit__(None, None, None)
             call.cancel()  # a stop string ended it early, or the client left: the decode worker frees its blocks
         yield (0, finish, 0)
 

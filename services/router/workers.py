@@ -6,7 +6,9 @@ import time
 
 import grpc
 
-from splitserve.controlplane import ControlPlane, ControlPlaneUnavailable, LiveWorker
+from splitserve.controlplane import ControlPlane, LiveWorker
+from splitserve.services.router.index import RouterIndex
+from splitserve.services.security import ChannelSecurity, dial
 from splitserve.v1 import worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -16,35 +18,27 @@ class WorkerDirectory:
     """Live workers by role, and cached gRPC stubs by address.
 
     A worker whose call failed is set aside for ``cooldown_seconds`` so that
-    retries go elsewhere even before its registration lapses.
+    retries go elsewhere even before its registration lapses. ``security``: TLS (mutual
+    when the router has a client certificate) to the workers; None dials them in plaintext.
     """
 
-    def __init__(self, control_plane: ControlPlane, cooldown_seconds: float = 5.0, channel_credentials=None) -> None:
+    def __init__(self, control_plane: ControlPlane, cooldown_seconds: float = 5.0, security: ChannelSecurity | None = None) -> None:
         self.control_plane = control_plane
+        # Worker list and block index, with this router's in-flight requests and a load-only fallback.
+        self.index = RouterIndex(control_plane)
         self.cooldown_seconds = cooldown_seconds
-        self.channel_credentials = channel_credentials
+        self.security = security
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._failed_at: dict[str, float] = {}
-        self.index_available = True
 
     async def live(self, role: str) -> list[LiveWorker]:
         now = time.monotonic()
-        workers = await self.control_plane.live_workers(role)
+        workers = await self.index.candidates(role)
         return [w for w in workers if now - self._failed_at.get(w.info.worker_id, -1e9) > self.cooldown_seconds]
 
     async def match_prefix(self, block_hashes: list[bytes], workers: list[LiveWorker]) -> dict[str, int] | None:
-        """Prefix matches, or None when the index is unreachable (route by load, say so once)."""
-        try:
-            matches = await self.control_plane.match_prefix(block_hashes, [w.info.worker_id for w in workers])
-        except ControlPlaneUnavailable as e:
-            if self.index_available:
-                log.warning("prefix index unavailable, routing by load only: %s", e)
-            self.index_available = False
-            return None
-        if not self.index_available:
-            log.info("prefix index available again")
-        self.index_available = True
-        return matches
+        """Prefix matches, or None when the index is unreachable (the policy then routes by load)."""
+        return await self.index.match_prefix(block_hashes, [w.info.worker_id for w in workers])
 
     def mark_failed(self, worker_id: str) -> None:
         self._failed_at[worker_id] = time.monotonic()
@@ -53,11 +47,7 @@ class WorkerDirectory:
         channel = self._channels.get(address)
         if channel is None:
             options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.enable_retries", 0)]
-            if self.channel_credentials is not None:
-                channel = grpc.aio.secure_channel(address, self.channel_credentials, options=options)
-            else:
-                channel = grpc.aio.insecure_channel(address, options=options)
-            self._channels[address] = channel
+            channel = self._channels[address] = dial(address, self.security, options)
         return channel
 
     def prefill_stub(self, address: str) -> worker_pb2_grpc.PrefillWorkerStub:
