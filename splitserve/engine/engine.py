@@ -71,6 +71,13 @@ class LLMEngine:
         num_blocks = self.kv_cache_manager.num_blocks_for(len(prompt_token_ids) + 1)
         if num_blocks > self.block_pool.num_blocks:
             raise InvalidRequestError("prompt", f"needs {num_blocks} KV blocks; this worker has {self.block_pool.num_blocks}")
+        # Running alone, the request must fit to its end, or preemption would recompute it forever.
+        # Its last sampled token is never computed, hence the -1.
+        num_blocks = self.kv_cache_manager.num_blocks_for(min(len(prompt_token_ids) + params.max_tokens, self.max_model_len) - 1)
+        if num_blocks > self.block_pool.num_blocks:
+            raise InvalidRequestError(
+                "max_tokens", f"prompt and {params.max_tokens} new tokens need {num_blocks} KV blocks; this worker has {self.block_pool.num_blocks}"
+            )
         bad = next((t for t in params.stop_token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise InvalidRequestError("stop_token_ids", f"token id {bad} is outside the vocabulary")
