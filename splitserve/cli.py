@@ -39,6 +39,26 @@ def _add_worker(p: argparse.ArgumentParser, port: int, metrics_port: int) -> Non
     p.add_argument("--control-plane", required=True, help="redis://HOST:PORT/DB, or grpc://ROUTER:PORT for a router's embedded store")
     p.add_argument("--lease-seconds", type=float, default=30.0)
     p.add_argument("--transfer-timeout", type=float, default=10.0)
+    tls = p.add_argument_group("TLS (docs/security.md)")
+    tls.add_argument("--tls-cert", type=Path, default=None, help="certificate (PEM) this worker serves with and presents to its peers")
+    tls.add_argument("--tls-key", type=Path, default=None, help="its private key (PEM)")
+    tls.add_argument("--tls-ca", type=Path, default=None,
+                     help="CA bundle peers are checked against; callers must then present a certificate it signed (mutual TLS)")
+    tls.add_argument("--tls-server-name", default=None, help="name expected in peers' certificates instead of the host of their address")
+    tls.add_argument("--control-plane-api-key-file", type=Path, default=None,
+                     help="file whose first line is the API key for a router's embedded store (grpc:// or grpcs://) that requires keys")
+
+
+def _add_router_security(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-keys-file", type=Path, default=None,
+                   help="accepted API keys, one per line (e.g. a mounted Secret; re-read when it changes); clients send authorization: Bearer KEY")
+    tls = p.add_argument_group("TLS (docs/security.md)")
+    tls.add_argument("--tls-cert", type=Path, default=None, help="certificate (PEM) of the public gRPC and HTTP listeners")
+    tls.add_argument("--tls-key", type=Path, default=None, help="its private key (PEM)")
+    tls.add_argument("--tls-ca", type=Path, default=None, help="CA bundle the workers' certificates are checked against: turns on TLS to the workers")
+    tls.add_argument("--tls-client-cert", type=Path, default=None, help="certificate presented to the workers (mutual TLS; default: --tls-cert)")
+    tls.add_argument("--tls-client-key", type=Path, default=None, help="its private key (default: --tls-key)")
+    tls.add_argument("--tls-server-name", default=None, help="name expected in the workers' certificates instead of the host of their address")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=50051)
     up.add_argument("--device", default="cpu")
     up.add_argument("--prefill-threshold", type=int, default=0, help="prompts shorter than this skip the prefill worker")
+    up.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API port (0: any free port, -1: off)")
+    up.add_argument("--api-keys-file", type=Path, default=None, help="accepted API keys, one per line (both APIs then need one)")
+    up.add_argument("--tls-cert", type=Path, default=None, help="certificate (PEM) of the public listeners; needs --tls-ca")
+    up.add_argument("--tls-key", type=Path, default=None)
+    up.add_argument("--tls-ca", type=Path, default=None,
+                    help="CA that signed --tls-cert: the three processes then also speak mutual TLS to each other with that certificate")
 
     router = sub.add_parser("router", help="the public gRPC front")
     router.add_argument("--model", type=Path, required=True, help="checkpoint directory (for the tokenizer and limits)")
@@ -79,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--default-max-tokens", type=int, default=256)
     router.add_argument("--max-model-len", type=int, default=None)
     router.add_argument("--max-inflight", type=int, default=1024, help="requests in flight before RESOURCE_EXHAUSTED")
+    router.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API port (0: any free port, -1: off)")
+    router.add_argument("--served-model-name", default=None, help="model name the APIs report and accept (default: the checkpoint folder's name)")
+    _add_router_security(router)
 
     _add_worker(sub.add_parser("prefill", help="a prefill worker"), 50061, 9091)
     _add_worker(sub.add_parser("decode", help="a decode worker"), 50071, 9092)
@@ -131,8 +160,25 @@ def main(argv: list[str] | None = None) -> int:
     return _run_worker(args)
 
 
+def _security_errors_in_one_line(run):
+    """Unreadable certificates, unpaired TLS flags, an empty keys file: a one-line error, exit code 2."""
+
+    def wrapped(args) -> int:
+        from splitserve.services.security import SecurityConfigError
+
+        try:
+            return run(args)
+        except SecurityConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapped
+
+
+@_security_errors_in_one_line
 def _run_router(args) -> int:
     from splitserve.services.launch import Listen, RouterConfig, serve_router
+    from splitserve.services.security import router_tls
 
     listen = Listen(args.host, args.port, None if args.metrics_port < 0 else args.metrics_port, args.drain_seconds)
     config = RouterConfig(
@@ -146,14 +192,20 @@ def _run_router(args) -> int:
         max_tokens_limit=args.max_tokens_limit,
         max_model_len=args.max_model_len,
         max_inflight=args.max_inflight,
+        http_port=None if args.http_port < 0 else args.http_port,
+        served_model_name=args.served_model_name,
+        tls=router_tls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_client_cert, args.tls_client_key, args.tls_server_name),
+        api_keys_file=args.api_keys_file,
     )
-    asyncio.run(serve_router(config))
-    return 0
+    return _serve(serve_router(config))
 
 
+@_security_errors_in_one_line
 def _run_worker(args) -> int:
     from splitserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, TransferConfig
     from splitserve.services.launch import Listen, serve_worker
+    from splitserve.services.router.auth import read_keys
+    from splitserve.services.security import SecurityConfigError, worker_tls
     from splitserve.services.worker import WorkerConfig
 
     if args.tp_size != 1:
@@ -179,7 +231,25 @@ def _run_worker(args) -> int:
         control_plane_url=args.control_plane,
     )
     listen = Listen(args.host, args.port, None if args.metrics_port < 0 else args.metrics_port, args.drain_seconds)
-    asyncio.run(serve_worker(config, listen))
+    tls = worker_tls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)
+    key = None
+    if args.control_plane_api_key_file is not None:
+        keys = read_keys(args.control_plane_api_key_file)
+        if not keys:
+            raise SecurityConfigError(f"--control-plane-api-key-file {args.control_plane_api_key_file} holds no key")
+        key = keys[0]
+    return _serve(serve_worker(config, listen, tls, key))
+
+
+def _serve(coro) -> int:
+    """Runs a service; a control plane that cannot be reached is a one-line error, not a traceback."""
+    from splitserve.controlplane import ControlPlaneUnavailable
+
+    try:
+        asyncio.run(coro)
+    except ControlPlaneUnavailable as e:
+        print(f"error: control plane unavailable: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

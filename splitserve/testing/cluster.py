@@ -83,12 +83,18 @@ class Service:
 class Cluster:
     """A router with its embedded control plane, and any number of workers registered with it."""
 
-    def __init__(self, model_dir: Path, router_args: list[str] = (), worker_args: list[str] = ()) -> None:
+    def __init__(
+        self, model_dir: Path, router_args: list[str] = (), worker_args: list[str] = (), control_plane: str | None = None
+    ) -> None:
+        """``control_plane``: a shared store's URL (redis://...); None: the router's embedded one."""
         self.model_dir = model_dir
         self.worker_args = list(worker_args)
+        if control_plane is not None:
+            router_args = ["--control-plane", control_plane, *router_args]
         self.env = {**os.environ, "NIXL_LOG_LEVEL": "WARN", "PYTHONUNBUFFERED": "1"}
         self.router = Service("router", ["--model", str(model_dir), "--port", "0", "--metrics-port", "0", *router_args], self.env)
         self.address = self.router.wait_ready()
+        self.control_plane = control_plane or f"grpc://{self.address}"
         self.workers: list[Service] = []
 
     def add_workers(self, *specs: tuple[str, str], extra: list[str] = ()) -> list[Service]:
@@ -96,7 +102,7 @@ class Cluster:
         started = []
         for role, worker_id in specs:
             args = ["--model", str(self.model_dir), "--port", "0", "--metrics-port", "-1", "--worker-id", worker_id,
-                    "--control-plane", f"grpc://{self.address}", "--drain-seconds", "5", *self.worker_args, *extra]
+                    "--control-plane", self.control_plane, "--drain-seconds", "5", *self.worker_args, *extra]
             started.append(Service(role, args, self.env))
         for service in started:
             service.wait_ready()
