@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitserve.controlplane import ControlPlaneServicer, MemoryControlPlane, connect
+from splitserve.controlplane import ControlPlane, ControlPlaneServicer, ControlPlaneUnavailable, MemoryControlPlane, RemoteControlPlane, connect
 from splitserve.models.arch import load_arch_config
 from splitserve.services.grpc_server import ServiceHost
 from splitserve.services.metrics import ServiceMetrics
+from splitserve.services.router.auth import ApiKeys, BearerKey, GuardedServer
 from splitserve.services.router.generation import GenerationService, RouterSettings
 from splitserve.services.router.request_input import ModelLimits
 from splitserve.services.router.routing import make_policy
 from splitserve.services.router.workers import WorkerDirectory
+from splitserve.services.security import TLSConfig, dial, router_to_workers, worker_to_peers
 from splitserve.services.worker import WorkerConfig, WorkerRuntime
 from splitserve.tokenizer import load_tokenizer
 from splitserve.v1 import generation_pb2_grpc, worker_pb2_grpc
@@ -43,12 +46,18 @@ class RouterConfig:
     max_tokens_limit: int = 4096
     max_model_len: int | None = None
     max_inflight: int = 1024
+    http_port: int | None = None  # the OpenAI-compatible HTTP API; None: off, 0: any free port
+    served_model_name: str | None = None  # default: the checkpoint folder's name
+    tls: TLSConfig | None = None  # public listeners (cert/key) and TLS to the workers (ca); services/security.py
+    api_keys_file: Path | None = None  # None: no authentication
 
 
-def _announce(role: str, host: str, port: int, metrics_port: int | None) -> None:
+def _announce(role: str, host: str, port: int, metrics_port: int | None, http_url: str | None = None) -> None:
     line = READY.format(role=role, address=f"{host}:{port}")
     if metrics_port is not None:
         line += f" (metrics on :{metrics_port})"
+    if http_url is not None:
+        line += f" (OpenAI-compatible HTTP API at {http_url})"
     print(line, flush=True)
 
 
@@ -67,7 +76,7 @@ async def serve_router(config: RouterConfig) -> None:
         default_max_tokens=config.default_max_tokens,
     )
     settings = RouterSettings(
-        model_name=config.model_dir.name,
+        model_name=config.served_model_name or config.model_dir.name,
         architecture=arch.architecture,
         limits=limits,
         block_size=config.block_size,
@@ -75,30 +84,59 @@ async def serve_router(config: RouterConfig) -> None:
         prefill_threshold=config.prefill_threshold,
         max_inflight=config.max_inflight,
     )
-    workers = WorkerDirectory(control_plane)
+    workers = WorkerDirectory(control_plane, security=router_to_workers(config.tls))
     service = GenerationService(settings, tokenizer, workers, make_policy(config.policy), metrics)
     host = ServiceHost(["splitserve.v1.Generation", "splitserve.v1.ControlPlane"], metrics.registry)
-    generation_pb2_grpc.add_GenerationServicer_to_server(service, host.server)
+    # With API keys, every call to these services needs one; health and reflection stay open for probes.
+    keys = ApiKeys(config.api_keys_file) if config.api_keys_file is not None else None
+    services = host.server if keys is None else GuardedServer(host.server, keys, lambda: metrics.error("unauthenticated"))
+    generation_pb2_grpc.add_GenerationServicer_to_server(service, services)
     # Workers on this machine register here when no shared store is configured.
-    ControlPlaneServicer(control_plane).add_to_server(host.server)
-    port = host.bind(f"{config.listen.host}:{config.listen.port}")
+    ControlPlaneServicer(control_plane).add_to_server(services)
+    port = host.bind(f"{config.listen.host}:{config.listen.port}", config.tls.server_credentials(False) if config.tls else None)
+    draining = asyncio.Event()
+    http = None
+    if config.http_port is not None:
+        from splitserve.services.router.openai import HttpServer, build_app
+
+        app = build_app(service, keys, is_serving=lambda: not draining.is_set())
+        http = HttpServer(app, config.listen.host, config.http_port, config.tls, config.listen.drain_seconds)
     metrics_port = await host.start(config.listen.metrics_port)
-    host.stop_on_signals(config.listen.drain_seconds)
-    _announce("router", config.listen.host, port, metrics_port)
+    if http is not None:
+        await http.start()
+    _stop_on_signals(host, http, draining, config.listen.drain_seconds)
+    http_url = None if http is None else f"{http.scheme}://{config.listen.host}:{http.port}/v1"
+    _announce("router", config.listen.host, port, metrics_port, http_url)
     await host.server.wait_for_termination()
+    if http is not None:
+        await http.stop()
     await workers.close()
     await control_plane.close()
 
 
-async def serve_worker(config: WorkerConfig, listen: Listen) -> None:
+def _stop_on_signals(host: ServiceHost, http, draining: asyncio.Event, grace: float) -> None:
+    """SIGINT/SIGTERM drain the gRPC and HTTP listeners together."""
+
+    async def stop() -> None:
+        draining.set()
+        await asyncio.gather(host.stop(grace), *([http.stop()] if http is not None else []))
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(stop()))
+
+
+async def serve_worker(config: WorkerConfig, listen: Listen, tls: TLSConfig | None = None, control_plane_key: str | None = None) -> None:
+    """``tls``: what the worker serves with and how it dials its peers (services/security.py);
+    ``control_plane_key``: the API key for a router's embedded store that requires keys."""
     from splitserve.services.decode.service import DecodeService
     from splitserve.services.prefill.service import PrefillService
 
     metrics = ServiceMetrics(config.role)
-    control_plane = await connect(config.control_plane_url, timeout_seconds=2.0)
+    control_plane = await _worker_control_plane(config.control_plane_url, tls, control_plane_key)
     name = "splitserve.v1.PrefillWorker" if config.role == "prefill" else "splitserve.v1.DecodeWorker"
     host = ServiceHost([name], metrics.registry)
-    port = host.bind(f"{listen.host}:{listen.port}")
+    port = host.bind(f"{listen.host}:{listen.port}", tls.server_credentials(verify_clients=True) if tls else None)
     if config.address.endswith(":0"):  # advertise the port actually bound
         config = _with_address(config, f"{config.address.rsplit(':', 1)[0]}:{port}")
     runtime = await asyncio.to_thread(WorkerRuntime, config, control_plane, metrics)
@@ -106,7 +144,7 @@ async def serve_worker(config: WorkerConfig, listen: Listen) -> None:
         service = PrefillService(runtime)
         worker_pb2_grpc.add_PrefillWorkerServicer_to_server(service, host.server)
     else:
-        service = DecodeService(runtime)
+        service = DecodeService(runtime, security=worker_to_peers(tls))
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server(service, host.server)
     metrics_port = await host.start(listen.metrics_port)
     await runtime.start()
@@ -129,6 +167,22 @@ async def serve_worker(config: WorkerConfig, listen: Listen) -> None:
         await host.server.stop(listen.drain_seconds)
         await service.close()
     await runtime.stop()
+
+
+async def _worker_control_plane(url: str, tls: TLSConfig | None, api_key: str | None, timeout: float = 2.0) -> ControlPlane:
+    """A router's embedded store over TLS (``grpcs://``) or with an API key; any other store as connect() opens it."""
+    scheme, _, target = url.partition("://")
+    if scheme not in ("grpc", "grpcs") or (scheme == "grpc" and api_key is None):
+        return await connect(url, timeout_seconds=timeout)
+    # grpcs: the router's certificate is checked against --tls-ca (else the system's roots).
+    security = (tls or TLSConfig()).peer_channels() if scheme == "grpcs" else None
+    channel = dial(target, security, interceptors=[BearerKey(api_key)] if api_key else None)
+    try:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+    except TimeoutError:
+        await channel.close()
+        raise ControlPlaneUnavailable(f"no control plane answers at {url} (is the router running, and does its certificate verify?)") from None
+    return RemoteControlPlane(channel, target, timeout)
 
 
 def _with_address(config: WorkerConfig, address: str) -> WorkerConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -53,35 +54,63 @@ def collect(responses) -> Completion:
     )
 
 
-class Client:
-    """Blocking client: ``Client("host:port").complete("Hello", max_tokens=16)``."""
+def _credentials(credentials, root_certificates) -> grpc.ChannelCredentials | None:
+    """``root_certificates``: PEM bytes or a file path; the CA to trust (TLS with the system's roots: pass b"")."""
+    if root_certificates is None:
+        return credentials
+    if credentials is not None:
+        raise ValueError("pass credentials or root_certificates, not both")
+    if isinstance(root_certificates, (str, Path)):
+        root_certificates = Path(root_certificates).read_bytes()
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates or None)
 
-    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+
+def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+class Client:
+    """Blocking client: ``Client("host:port").complete("Hello", max_tokens=16)``.
+
+    ``api_key``: sent as ``authorization: Bearer KEY``; ``root_certificates``: connect over
+    TLS trusting this CA (PEM bytes or a path); ``credentials``: any other channel credentials.
+    """
+
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None, *, api_key: str | None = None,
+                 root_certificates: bytes | str | Path | None = None) -> None:
+        credentials = _credentials(credentials, root_certificates)
         self.channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
+        self.metadata = _metadata(api_key)
 
     def stream(self, prompt: str | list[int], timeout: float | None = None, **kwargs) -> Iterator[gen_pb.GenerateResponse]:
-        return self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout)
+        return self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout, metadata=self.metadata)
 
     def complete(self, prompt: str | list[int], timeout: float | None = None, **kwargs) -> Completion:
         return collect(self.stream(prompt, timeout=timeout, **kwargs))
 
     def model_info(self) -> gen_pb.ModelInfo:
-        return self.stub.GetModelInfo(gen_pb.ModelInfoRequest())
+        return self.stub.GetModelInfo(gen_pb.ModelInfoRequest(), metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()
 
 
 class AsyncClient:
-    """asyncio client: ``await AsyncClient(target).complete(...)`` or ``async for r in client.stream(...)``."""
+    """asyncio client: ``await AsyncClient(target).complete(...)`` or ``async for r in client.stream(...)``.
 
-    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+    Takes ``api_key`` and ``root_certificates`` as Client does.
+    """
+
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None, *, api_key: str | None = None,
+                 root_certificates: bytes | str | Path | None = None) -> None:
+        credentials = _credentials(credentials, root_certificates)
         self.channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
+        self.metadata = _metadata(api_key)
 
     def stream(self, prompt: str | list[int], timeout: float | None = None, **kwargs) -> AsyncIterator[gen_pb.GenerateResponse]:
-        return self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout)
+        return self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout, metadata=self.metadata)
 
     async def complete(self, prompt: str | list[int], timeout: float | None = None, **kwargs) -> Completion:
         return collect([r async for r in self.stream(prompt, timeout=timeout, **kwargs)])

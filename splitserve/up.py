@@ -16,10 +16,11 @@ from pathlib import Path
 from splitserve.cli import DEMO_DIR
 
 READY = re.compile(r"splitserve (\w+) listening on (\S+)")
+HTTP_URL = re.compile(r"OpenAI-compatible HTTP API at (\S+?)[;)]")
 
 
-def _start(args: list[str], name: str, timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
-    """Starts a service and waits for its ready line; its later output is echoed with a prefix."""
+def _start(args: list[str], name: str, timeout: float = 300.0) -> tuple[subprocess.Popen, str, str]:
+    """Starts a service and waits for its ready line (returned with its address); later output is echoed with a prefix."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "splitserve.cli", *args],
         stdout=subprocess.PIPE,
@@ -34,7 +35,7 @@ def _start(args: list[str], name: str, timeout: float = 300.0) -> tuple[subproce
         for line in proc.stdout:
             match = READY.search(line)
             if match and not ready.is_set():
-                found.append(match.group(2))
+                found.extend([match.group(2), line])
                 ready.set()
                 line = f"ready at {match.group(2)}\n"  # the whole platform's ready line comes last
             sys.stdout.write(f"[{name}] {line}")
@@ -46,7 +47,7 @@ def _start(args: list[str], name: str, timeout: float = 300.0) -> tuple[subproce
     if not found:
         proc.kill()
         raise RuntimeError(f"{name} did not start (exit code {proc.poll()})")
-    return proc, found[0]
+    return proc, found[0], found[1]
 
 
 def demo_checkpoint() -> Path:
@@ -57,7 +58,32 @@ def demo_checkpoint() -> Path:
     return DEMO_DIR
 
 
+def _security_args(args) -> tuple[list[str], list[str], str]:
+    """Router args, worker args and the control-plane scheme for --tls-*/--api-keys-file.
+
+    On one machine one certificate serves all three processes: the public listeners, and
+    mutual TLS between router and workers (so it must name the host they listen on).
+    """
+    router: list[str] = []
+    worker: list[str] = []
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("error: --tls-cert and --tls-key go together")
+    if args.tls_cert is not None and args.tls_ca is None:
+        raise SystemExit("error: --tls-cert needs --tls-ca, the CA that signed it (the workers check the router with it)")
+    if args.tls_ca is not None and args.tls_cert is None:
+        raise SystemExit("error: --tls-ca needs --tls-cert and --tls-key")
+    if args.tls_cert is not None:
+        tls = ["--tls-cert", str(args.tls_cert), "--tls-key", str(args.tls_key), "--tls-ca", str(args.tls_ca)]
+        router += tls
+        worker += tls
+    if args.api_keys_file is not None:
+        router += ["--api-keys-file", str(args.api_keys_file)]
+        worker += ["--control-plane-api-key-file", str(args.api_keys_file)]
+    return router, worker, "grpcs" if args.tls_cert is not None else "grpc"
+
+
 def run_up(args) -> int:
+    router_security, worker_security, scheme = _security_args(args)
     model = args.model
     if model is None:
         model = demo_checkpoint()
@@ -67,18 +93,20 @@ def run_up(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        router, address = _start(
+        router, address, ready_line = _start(
             ["router", "--model", str(model), "--host", args.host, "--port", str(args.port), "--metrics-port", "0",
-             "--prefill-threshold", str(args.prefill_threshold)],
+             "--prefill-threshold", str(args.prefill_threshold), "--http-port", str(args.http_port), *router_security],
             "router",
         )
         procs.append(router)
         common = ["--model", str(model), "--host", args.host, "--port", "0", "--metrics-port", "0",
-                  "--device", args.device, "--control-plane", f"grpc://{address}"]
+                  "--device", args.device, "--control-plane", f"{scheme}://{address}", *worker_security]
         for role in ("prefill", "decode"):
-            proc, _ = _start([role, *common, "--worker-id", f"{role}-0"], role)
+            proc, _, _ = _start([role, *common, "--worker-id", f"{role}-0"], role)
             procs.append(proc)
-        print(f"splitserve router listening on {address} (gRPC splitserve.v1.Generation; prefill and decode ready). Ctrl-C stops it.", flush=True)
+        router_http = HTTP_URL.search(ready_line)
+        http = f"; OpenAI-compatible HTTP API at {router_http.group(1)}" if router_http else ""
+        print(f"splitserve router listening on {address} (gRPC splitserve.v1.Generation{http}; prefill and decode ready). Ctrl-C stops it.", flush=True)
         while not stop.is_set() and all(p.poll() is None for p in procs):
             stop.wait(0.5)
         failed = [p for p in procs if p.poll() not in (None, 0)]

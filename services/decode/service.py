@@ -17,6 +17,7 @@ from splitserve.services.convert import (
     token_logprob_to_proto,
 )
 from splitserve.services.prefill.service import next_output, run_engine_request
+from splitserve.services.security import ChannelSecurity, dial
 from splitserve.services.worker import WorkerRuntime, layout_from_proto
 from splitserve.v1 import worker_pb2 as worker_pb
 from splitserve.v1 import worker_pb2_grpc
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
-    def __init__(self, runtime: WorkerRuntime) -> None:
+    def __init__(self, runtime: WorkerRuntime, security: ChannelSecurity | None = None) -> None:
         self.runtime = runtime
+        self.security = security  # TLS to the prefill workers, as the router dials them
         self.transfer = runtime.config.transfer
         runtime.loop.on_kv_load = self._load_kv
         self._handles: dict[str, worker_pb.KVHandle] = {}  # request id -> where its KV is
@@ -118,7 +120,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
+            self._channels[address] = dial(address, self.security)
         return self._channels[address]
 
     async def _load_kv(self, load: KVLoad) -> None:

@@ -16,15 +16,18 @@ import grpc
 from splitserve.v1 import worker_pb2 as worker_pb
 from splitserve.v1 import worker_pb2_grpc
 
-READY = re.compile(r"splitserve (\w+) listening on (\S+)")
+READY = re.compile(r"splitserve (\w+) listening on (\S+)(?: \(metrics on :(\d+)\))?")
+HTTP_URL = re.compile(r"OpenAI-compatible HTTP API at (\S+?)[;)]")
+METRICS_PORT = re.compile(r"\(metrics on :(\d+)\)")
 START_TIMEOUT = 180.0
 
 
 class Service:
     """One `splitserve <role>` process; its output is kept for failure messages."""
 
-    def __init__(self, role: str, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, role: str, args: list[str], env: dict[str, str], credentials: grpc.ChannelCredentials | None = None) -> None:
         self.role = role
+        self.credentials = credentials  # to call a worker directly when it requires (mutual) TLS
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "splitserve.cli", role, *args],
             stdout=subprocess.PIPE,
@@ -34,6 +37,9 @@ class Service:
         )
         self.lines: list[str] = []
         self.address: str | None = None
+        self.metrics_port: int | None = None
+        self.http_url: str | None = None  # the router's OpenAI-compatible API, ".../v1"
+        self.metrics_port: int | None = None
         self._ready = threading.Event()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -42,6 +48,9 @@ class Service:
             self.lines.append(line)
             match = READY.search(line)
             if match and self.address is None:
+                http, metrics = HTTP_URL.search(line), METRICS_PORT.search(line)
+                self.http_url = http.group(1) if http else None
+                self.metrics_port = int(metrics.group(1)) if metrics else None
                 self.address = match.group(2)
                 self._ready.set()
         self._ready.set()
@@ -72,7 +81,8 @@ class Service:
             return -9
 
     def stats(self) -> worker_pb.WorkerStats:
-        with grpc.insecure_channel(self.address) as channel:
+        channel = grpc.secure_channel(self.address, self.credentials) if self.credentials else grpc.insecure_channel(self.address)
+        with channel:
             stub_cls = worker_pb2_grpc.PrefillWorkerStub if self.role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
             return stub_cls(channel).GetStats(worker_pb.StatsRequest(), timeout=10)
 
@@ -84,17 +94,27 @@ class Cluster:
     """A router with its embedded control plane, and any number of workers registered with it."""
 
     def __init__(
-        self, model_dir: Path, router_args: list[str] = (), worker_args: list[str] = (), control_plane: str | None = None
+        self, model_dir: Path, router_args: list[str] = (), worker_args: list[str] = (), control_plane: str | None = None,
+        *, router_tls: bool = False, worker_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        """``control_plane``: a shared store's URL (redis://...); None: the router's embedded one."""
+        """``control_plane``: a shared store's URL (redis://...); None: the router's embedded one.
+
+        ``router_tls``: the router's listener is TLS (router_args has --tls-cert), so workers reach
+        its embedded store over grpcs://; ``worker_credentials``: for calling workers directly
+        (``Service.stats``) when they require TLS. The router serves HTTP on a free port
+        (``router.http_url``) unless router_args says otherwise.
+        """
         self.model_dir = model_dir
         self.worker_args = list(worker_args)
+        self.worker_credentials = worker_credentials
         if control_plane is not None:
             router_args = ["--control-plane", control_plane, *router_args]
+        if "--http-port" not in router_args:
+            router_args = ["--http-port", "0", *router_args]
         self.env = {**os.environ, "NIXL_LOG_LEVEL": "WARN", "PYTHONUNBUFFERED": "1"}
         self.router = Service("router", ["--model", str(model_dir), "--port", "0", "--metrics-port", "0", *router_args], self.env)
         self.address = self.router.wait_ready()
-        self.control_plane = control_plane or f"grpc://{self.address}"
+        self.control_plane = control_plane or f"{'grpcs' if router_tls else 'grpc'}://{self.address}"
         self.workers: list[Service] = []
 
     def add_workers(self, *specs: tuple[str, str], extra: list[str] = ()) -> list[Service]:
@@ -103,7 +123,7 @@ class Cluster:
         for role, worker_id in specs:
             args = ["--model", str(self.model_dir), "--port", "0", "--metrics-port", "-1", "--worker-id", worker_id,
                     "--control-plane", self.control_plane, "--drain-seconds", "5", *self.worker_args, *extra]
-            started.append(Service(role, args, self.env))
+            started.append(Service(role, args, self.env, self.worker_credentials))
         for service in started:
             service.wait_ready()
         self.workers += started

@@ -1,0 +1,224 @@
+"""The OpenAI-compatible HTTP API of the router: /v1/models, /v1/completions, /v1/chat/completions.
+
+Requests become the GenerateRequest the gRPC API takes and go down the same path
+(``GenerationService.generate``): same checks, routing, limits, metrics and usage.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from splitserve.services.router.auth import MISSING_KEY, WRONG_KEY, ApiKeys, bearer
+from splitserve.services.router.generation import GenerateError, GenerationService
+from splitserve.services.router.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIError,
+    parse,
+)
+from splitserve.services.router.openai.responses import (
+    ChatFormatter,
+    CompletionFormatter,
+    Formatter,
+)
+from splitserve.services.router.openai.translate import chat_request, completion_request
+from starlette.exceptions import HTTPException
+
+from splitserve.v1 import generation_pb2 as gen_pb
+
+log = logging.getLogger(__name__)
+
+# gRPC status of the shared request path -> HTTP status, OpenAI error type, code.
+_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", None),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "rate_limit_exceeded"),
+    grpc.StatusCode.UNAVAILABLE: (503, "server_error", "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
+}
+_CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, the logs do
+
+
+def from_generate_error(e: GenerateError, prompt_param: str) -> OpenAIError:
+    status, type_, code = _STATUS.get(e.code, (500, "server_error", "internal_error"))
+    param = prompt_param if e.field in ("text", "token_ids", "prompt") else e.field
+    return OpenAIError(status, e.message, type_, param, code)
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class OpenAIRoutes:
+    """The handlers, bound to the router's GenerationService."""
+
+    def __init__(self, service: GenerationService, keys: ApiKeys | None, is_serving: Callable[[], bool]) -> None:
+        self.service = service
+        self.keys = keys
+        self.is_serving = is_serving
+        self.metrics = service.metrics
+        self.model = service.settings.model_name
+        self.started = int(time.time())
+
+    async def authenticate(self, request: Request) -> None:
+        """Runs before the body is read: a refused request does no work and reaches no worker."""
+        if self.keys is None:
+            return
+        key = bearer(request.headers.get("authorization"))
+        if not self.keys.check(key):
+            self.metrics.error("unauthenticated")
+            raise OpenAIError(401, MISSING_KEY if key is None else WRONG_KEY, code="invalid_api_key")
+
+    async def health(self) -> Response:
+        if self.is_serving():
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "draining"}, status_code=503)
+
+    def _model_card(self) -> dict[str, Any]:
+        max_model_len = self.service.settings.limits.max_model_len
+        return {"id": self.model, "object": "model", "created": self.started, "owned_by": "splitserve", "root": self.model, "max_model_len": max_model_len}
+
+    async def list_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def get_model(self, model: str) -> dict[str, Any]:
+        self._check_model(model)
+        return self._model_card()
+
+    async def completions(self, request: Request) -> Response:
+        body = await request.body()
+        req = self._invalid_counted(lambda: parse(CompletionRequest, body))
+        self._check_model(req.model)
+        message = self._invalid_counted(lambda: completion_request(req))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        fmt = CompletionFormatter(self.model, self.service.tokenizer, req.logprobs is not None, include_usage)
+        return await self._respond(request, message, fmt, req.stream, "prompt")
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await request.body()
+        req = self._invalid_counted(lambda: parse(ChatCompletionRequest, body))
+        self._check_model(req.model)
+        message = self._invalid_counted(lambda: chat_request(req, self.service.tokenizer))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        fmt = ChatFormatter(self.model, self.service.tokenizer, req.logprobs, include_usage)
+        return await self._respond(request, message, fmt, req.stream, "messages")
+
+    def _invalid_counted(self, build: Callable[[], Any]) -> Any:
+        try:
+            return build()
+        except OpenAIError:
+            self.metrics.error("invalid_argument")
+            raise
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model:
+            self.metrics.error("model_not_found")
+            raise OpenAIError(404, f"the model {model!r} does not exist; this server serves {self.model!r}", param="model", code="model_not_found")
+
+    async def _respond(self, request: Request, message: gen_pb.GenerateRequest, fmt: Formatter, stream: bool, prompt_param: str) -> Response:
+        if stream:
+            return await self._stream(message, fmt, prompt_param)
+        return await _unless_disconnected(request, self._whole(message, fmt, prompt_param))
+
+    async def _whole(self, message: gen_pb.GenerateRequest, fmt: Formatter, prompt_param: str) -> Response:
+        text, tokens, final = [], [], None
+        try:
+            async with contextlib.aclosing(self.service.generate(message)) as stream:
+                async for m in stream:
+                    if m.HasField("delta"):
+                        text.append(m.delta.text)
+                        tokens.extend(m.delta.logprobs)
+                    else:
+                        final = m.final
+        except GenerateError as e:
+            raise from_generate_error(e, prompt_param) from None
+        return JSONResponse(fmt.whole("".join(text), tokens, final))
+
+    async def _stream(self, message: gen_pb.GenerateRequest, fmt: Formatter, prompt_param: str) -> Response:
+        stream = self.service.generate(message)
+        try:
+            first = await anext(stream)  # refusals before the first token still get their own status
+        except GenerateError as e:
+            raise from_generate_error(e, prompt_param) from None
+        events = self._events(first, stream, fmt, prompt_param)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _events(self, first: gen_pb.GenerateResponse, stream: AsyncIterator, fmt: Formatter, prompt_param: str) -> AsyncIterator[str]:
+        async with contextlib.aclosing(stream):
+            if isinstance(fmt, ChatFormatter):
+                yield _sse(fmt.first_chunk())
+            message = first
+            try:
+                while message is not None:
+                    if message.HasField("delta"):
+                        if (chunk := fmt.chunk(message.delta)) is not None:
+                            yield _sse(chunk)
+                    else:
+                        for chunk in fmt.final_chunks(message.final):
+                            yield _sse(chunk)
+                    message = await anext(stream, None)
+            except GenerateError as e:  # headers are gone: the error travels as an event
+                yield _sse(from_generate_error(e, prompt_param).body())
+        yield "data: [DONE]\n\n"
+
+
+async def _unless_disconnected(request: Request, work) -> Response:
+    """Runs ``work`` unless the client leaves first; then it is cancelled (its KV freed on the workers)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        return Response(status_code=_CLIENT_CLOSED)
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _error_response(e: OpenAIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def build_app(service: GenerationService, keys: ApiKeys | None, is_serving: Callable[[], bool]) -> FastAPI:
+    routes = OpenAIRoutes(service, keys, is_serving)
+    app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(routes.authenticate)])
+    v1.add_api_route("/models", routes.list_models, methods=["GET"])
+    v1.add_api_route("/models/{model:path}", routes.get_model, methods=["GET"])
+    v1.add_api_route("/completions", routes.completions, methods=["POST"])
+    v1.add_api_route("/chat/completions", routes.chat_completions, methods=["POST"])
+    app.include_router(v1)
+    app.add_api_route("/health", routes.health, methods=["GET"])
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, e: OpenAIError) -> JSONResponse:
+        return _error_response(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        message = f"{request.method} {request.url.path}: {e.detail}"
+        return _error_response(OpenAIError(e.status_code, message, code=str(e.detail).lower().replace(" ", "_")))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return _error_response(OpenAIError(500, f"internal error: {type(e).__name__}", "server_error", code="internal_error"))
+
+    return app

@@ -1,0 +1,117 @@
+"""OpenAI request bodies -> the router's GenerateRequest: the same message the gRPC API takes."""
+from __future__ import annotations
+
+from typing import Any
+
+from splitserve.services.router.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIError,
+    OpenAIRequest,
+)
+from transformers import PreTrainedTokenizerBase
+
+from splitserve.v1 import generation_pb2 as gen_pb
+
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty")
+OPENAI_DEFAULT_TEMPERATURE = 1.0
+
+
+def _unsupported(param: str, message: str) -> OpenAIError:
+    return OpenAIError(400, f"{param}: {message}", param=param, code="unsupported_parameter")
+
+
+def _check_common(req: OpenAIRequest) -> None:
+    if req.n != 1:
+        raise _unsupported("n", f"only n=1 is supported (got {req.n}); send separate requests for more choices")
+    if req.best_of not in (None, 1):
+        raise _unsupported("best_of", f"only best_of=1 is supported (got {req.best_of})")
+    if req.logit_bias:
+        raise _unsupported("logit_bias", "is not supported")
+    if req.stream_options is not None and not req.stream:
+        raise OpenAIError(400, "stream_options: only allowed when stream is true", param="stream_options")
+    if req.timeout_seconds is not None and not req.timeout_seconds > 0:
+        raise OpenAIError(400, f"timeout_seconds: must be positive, got {req.timeout_seconds}", param="timeout_seconds")
+
+
+def _generate_request(req: OpenAIRequest, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> gen_pb.GenerateRequest:
+    sampling: dict[str, Any] = {name: getattr(req, name) for name in _SAMPLING if getattr(req, name) is not None}
+    sampling.setdefault("temperature", OPENAI_DEFAULT_TEMPERATURE)
+    if sampling.get("top_k") == -1:
+        sampling["top_k"] = 0
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    msg = gen_pb.GenerateRequest(
+        sampling=gen_pb.SamplingParams(**sampling),
+        max_tokens=max_tokens or 0,  # 0: the router's default
+        stop=stop,
+        stop_token_ids=req.stop_token_ids or [],
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+    )
+    if req.timeout_seconds is not None:
+        msg.timeout_seconds = req.timeout_seconds
+    return msg
+
+
+def completion_request(req: CompletionRequest) -> gen_pb.GenerateRequest:
+    _check_common(req)
+    if req.echo:
+        raise _unsupported("echo", "is not supported")
+    if req.suffix:
+        raise _unsupported("suffix", "is not supported")
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise _unsupported("prompt", f"one prompt per request is supported (got {len(prompt)}); send them separately")
+        prompt = prompt[0]
+    if not prompt:
+        raise OpenAIError(400, "prompt: is empty", param="prompt")
+    msg = _generate_request(req, req.max_tokens, req.logprobs is not None, req.logprobs or 0)
+    if isinstance(prompt, str):
+        msg.text = prompt
+    else:
+        msg.token_ids.ids.extend(prompt)
+    return msg
+
+
+def chat_request(req: ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase) -> gen_pb.GenerateRequest:
+    _check_common(req)
+    if req.tools and req.tool_choice != "none":
+        raise _unsupported("tools", "tool calling is not supported")
+    if req.response_format is not None and req.response_format.get("type", "text") != "text":
+        raise _unsupported("response_format", f"only type 'text' is supported (got {req.response_format.get('type')!r})")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise OpenAIError(400, "top_logprobs: needs logprobs to be true", param="top_logprobs")
+    if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
+        raise OpenAIError(400, "max_tokens and max_completion_tokens disagree: send one", param="max_completion_tokens")
+    msg = _generate_request(req, req.max_completion_tokens or req.max_tokens, req.logprobs, req.top_logprobs or 0)
+    msg.token_ids.ids.extend(chat_prompt(req, tokenizer))
+    return msg
+
+
+def chat_prompt(req: ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The prompt's token ids through the checkpoint's own chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise OpenAIError(
+            400, "this model's checkpoint has no chat template, so chat messages cannot be turned into a prompt: use /v1/completions",
+            param="messages", code="no_chat_template",
+        )
+    messages = []
+    for i, m in enumerate(req.messages):
+        message = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):
+            if any(part.type != "text" for part in m.content):
+                raise _unsupported(f"messages.{i}.content", "only text content parts are supported")
+            message["content"] = "\n".join(part.text or "" for part in m.content)
+        message.setdefault("content", "")
+        messages.append(message)
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=req.add_generation_prompt, **(req.chat_template_kwargs or {})
+        )
+    except Exception as e:  # noqa: BLE001 -- the template's own checks (roles must alternate, ...) or its Jinja errors
+        raise OpenAIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
+    # The template writes the special tokens (BOS included): the tokenizer must not add them again.
+    return tokenizer.encode(text, add_special_tokens=False)
