@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.prefix_hash import hash_request_tokens
+from splitserve.logs import request_id_var
 from splitserve.services.metrics import ServiceMetrics
 from splitserve.services.router.detokenizer import IncrementalDetokenizer
 from splitserve.services.router.request_input import ModelLimits, PreparedRequest, prepare
@@ -100,6 +101,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             self.metrics.error("invalid_argument")
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field) from None
         deadline = None if timeout is None else time.monotonic() + timeout
+        request_id_var.set(prepared.engine_request.request_id)
         self.num_inflight += 1
         outcome = "error"
         try:
@@ -136,6 +138,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             matches = await self.workers.match_prefix(block_hashes, candidates)
             num_prompt = len(prepared.engine_request.prompt_token_ids)
             decision = self.policy.pick_prefill(block_hashes, candidates, matches, num_prompt)
+            log.info("prefill on %s (%s, %d cached tokens expected)", decision.worker_id, decision.reason, decision.num_cached_tokens)
             try:
                 with self.workers.index.track(decision.worker_id, block_hashes, num_prompt - decision.num_cached_tokens):
                     response = await self.workers.prefill_stub(decision.address).Prefill(request, timeout=self._timeout(deadline))
@@ -201,6 +204,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, "no decode worker is available")
         num_blocks = -(-(len(prepared.engine_request.prompt_token_ids) + 1) // self.settings.block_size)
         decision = self.policy.pick_decode(candidates, num_blocks, prepared.engine_request.request_id.encode())
+        log.info("decode on %s (%s)", decision.worker_id, decision.reason)
         call = self.workers.decode_stub(decision.address).Decode(decode_request, timeout=self._timeout(deadline))
         finish = gen_pb.FINISH_REASON_UNSPECIFIED
         last = time.perf_counter()

@@ -18,7 +18,11 @@ from splitserve.v1 import generation_pb2_grpc
 
 @pytest.fixture(scope="module")
 def cluster(e2e_model_dir):
-    cluster = Cluster(e2e_model_dir, ["--max-tokens-limit", "512"], ["--num-blocks", "256", "--max-num-batched-tokens", "64"])
+    cluster = Cluster(
+        e2e_model_dir,
+        ["--max-tokens-limit", "512", "--log-level", "INFO", "--log-format", "json"],
+        ["--num-blocks", "256", "--max-num-batched-tokens", "64"],
+    )
     cluster.add_workers(("prefill", "prefill-a"), ("decode", "decode-a"))
     yield cluster
     cluster.stop()
@@ -181,3 +185,28 @@ def test_model_info(cluster, e2e_model_dir):
     info = Client(cluster.address).model_info()
     assert info.architecture == "LlamaForCausalLM" and info.vocab_size > 0 and info.max_tokens_limit == 512
     assert isinstance(info, gen_pb.ModelInfo)
+
+
+def test_metrics_on_every_service(cluster):
+    import urllib.request
+
+    Client(cluster.address).complete("metrics please", max_tokens=3, ignore_eos=True, timeout=60)
+    services = [cluster.router, *cluster.workers]
+    texts = {s.role: urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10).read().decode() for s in services}
+    assert "splitserve_time_to_first_token_seconds_count" in texts["router"]
+    assert 'splitserve_requests_total{outcome="ok",role="router"}' in texts["router"]
+    for role in ("prefill", "decode"):
+        assert f'splitserve_kv_blocks_free{{role="{role}"}}' in texts[role]
+        assert "splitserve_waiting_requests" in texts[role]
+    assert 'splitserve_kv_transfer_bytes_total{role="decode"}' in texts["decode"]
+
+
+def test_structured_logs_carry_the_request_id(cluster):
+    import json
+
+    Client(cluster.address).complete("log me", max_tokens=2, ignore_eos=True, request_id="req-logged-42", timeout=60)
+    assert wait_until(lambda: "req-logged-42" in cluster.router.output())
+    records = [json.loads(line) for line in cluster.router.output().splitlines() if line.startswith("{")]
+    mine = [r for r in records if r["request_id"] == "req-logged-42"]
+    assert any("prefill on" in r["message"] for r in mine) and any("decode on" in r["message"] for r in mine)
+    assert all(r["role"] == "router" for r in mine)
