@@ -116,6 +116,8 @@ class RouterIndex:
     async def _refresh(self) -> None:
         if not self._is_stale() or self._clock() < self._retry_at:
             return
+        if self._refresh_lock.locked() and self._refreshed_at is not None:
+            return  # one request refreshes (and may reap a dead worker); the rest use the list they have
         async with self._refresh_lock:
             if not self._is_stale():
                 return  # another request refreshed while this one waited

@@ -63,26 +63,6 @@ class ControlPlane(abc.ABC):
         await self.close()
 
 
-def longest_prefix_matches(
-    block_hashes: Sequence[bytes], worker_ids: Sequence[str], holders_of: dict[bytes, set[str]]
-) -> dict[str, int]:
-    """``match_prefix`` over an in-memory index: ``holders_of[block_hash]`` is who holds it."""
-    num_matched = dict.fromkeys(worker_ids, 0)
-    matching = set(num_matched)
-    for i, block_hash in enumerate(block_hashes):
-        holders = holders_of.get(block_hash)
-        still = matching & holders if holders else set()
-        if len(still) < len(matching):
-            for worker_id in matching - still:
-                num_matched[worker_id] = i
-            if not still:
-                return num_matched
-            matching = still
-    for worker_id in matching:
-        num_matched[worker_id] = len(block_hashes)
-    return num_matched
-
-
 def check_ttl(ttl_seconds: float) -> None:
     if not ttl_seconds > 0:
         raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds!r}")

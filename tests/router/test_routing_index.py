@@ -2,6 +2,7 @@
 and a simulated pair of prefill workers that shows what prefix-aware routing saves."""
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
@@ -197,3 +198,31 @@ async def test_prefix_aware_routing_computes_far_fewer_prefill_tokens_than_round
     assert prefix_aware == 4 * 64 * BLOCK_SIZE + num_suffix_tokens
     assert round_robin > 3 * prefix_aware
     assert await simulate(LeastLoadedPolicy()) > 3 * prefix_aware
+
+
+class SlowListingControlPlane(MemoryControlPlane):
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.release = asyncio.Event()
+
+    async def live_workers(self, role=None):
+        await self.release.wait()  # e.g. reaping a dead worker's many index entries
+        return await super().live_workers(role)
+
+
+@run_async
+async def test_requests_do_not_wait_for_a_slow_refresh_once_a_list_exists():
+    clock = FakeClock()
+    cp = SlowListingControlPlane(clock)
+    await two_prefill_workers(cp)
+    index = RouterIndex(cp, refresh_seconds=0.5, clock=clock)
+    cp.release.set()
+    assert len(await index.candidates("prefill")) == 2
+    cp.release.clear()
+    await cp.register(WorkerInfo("p2", "prefill", "p2:1", BLOCK_SIZE), ttl_seconds=30)
+    clock.now += 1
+    refreshing = asyncio.create_task(index.candidates("prefill"))
+    await asyncio.sleep(0)
+    assert len(await asyncio.wait_for(index.candidates("prefill"), 1)) == 2  # the last list, at once
+    cp.release.set()
+    assert len(await refreshing) == 3
