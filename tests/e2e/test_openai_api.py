@@ -1,0 +1,276 @@
+"""The OpenAI-compatible HTTP API of a real `splitserve up` (router, prefill and decode processes),
+driven by the `openai` client package and by raw HTTP; and, in process, the refusals that need
+a particular router (no chat template, no workers, full)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from splitserve.client import Client
+
+pytestmark = [pytest.mark.slow]
+
+LISTENING = re.compile(r"splitserve router listening on (\S+) .*OpenAI-compatible HTTP API at (\S+?)[;)]")
+PROMPT = "The quick brown fox jumps over the lazy dog, and then it"
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
+
+
+@dataclass
+class Stack:
+    grpc_address: str
+    base_url: str  # http://host:port/v1
+    model: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(e2e_model_dir: Path) -> Iterator[Stack]:
+    cmd = [sys.executable, "-m", "splitserve.cli", "up", "--model", str(e2e_model_dir),
+           "--port", str(_free_port()), "--http-port", str(_free_port())]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "NIXL_LOG_LEVEL": "WARN"})
+    lines: list[str] = []
+    found = threading.Event()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if LISTENING.search(line):
+                found.set()
+        found.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        found.wait(300)
+        match = next((m for m in map(LISTENING.search, lines) if m), None)
+        if match is None:
+            pytest.fail(f"splitserve up did not come up:\n{''.join(lines[-40:])}")
+        yield Stack(match.group(1), match.group(2), e2e_model_dir.name)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # up drains and stops its workers
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(e2e_model_dir: Path):
+    from splitserve.tokenizer import load_tokenizer
+
+    return load_tokenizer(e2e_model_dir)
+
+
+def chat_prompt_ids(tokenizer, messages) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_completion_matches_the_grpc_api(stack, client):
+    grpc_result = Client(stack.grpc_address).complete(PROMPT, max_tokens=12, ignore_eos=True, timeout=120)
+    out = client.completions.create(model=stack.model, prompt=PROMPT, max_tokens=12, temperature=0, logprobs=2,
+                                    extra_body={"ignore_eos": True})
+    choice = out.choices[0]
+    assert out.object == "text_completion" and out.model == stack.model and out.id.startswith("cmpl-")
+    assert choice.text == grpc_result.text and choice.finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (grpc_result.prompt_tokens, 12)
+    assert out.usage.total_tokens == grpc_result.prompt_tokens + 12
+    assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs) == 12
+    assert all(len(top) >= 1 for top in choice.logprobs.top_logprobs)
+    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
+
+
+def test_completion_streams_the_same_text_and_usage(stack, client):
+    whole = client.completions.create(model=stack.model, prompt=PROMPT, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    chunks = list(client.completions.create(model=stack.model, prompt=PROMPT, max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_token_id_prompt_and_seeded_sampling(stack, client, tokenizer):
+    ids = tokenizer.encode(PROMPT)
+    a = client.completions.create(model=stack.model, prompt=ids, max_tokens=8, temperature=0.9, top_p=0.9, seed=7,
+                                  extra_body={"top_k": 20, "ignore_eos": True})
+    b = client.completions.create(model=stack.model, prompt=ids, max_tokens=8, temperature=0.9, top_p=0.9, seed=7,
+                                  extra_body={"top_k": 20, "ignore_eos": True})
+    assert a.choices[0].text == b.choices[0].text and a.usage.prompt_tokens == len(ids)
+
+
+def test_chat_uses_the_checkpoints_chat_template(stack, client, tokenizer):
+    ids = chat_prompt_ids(tokenizer, MESSAGES)
+    grpc_result = Client(stack.grpc_address).complete(ids, max_tokens=10, ignore_eos=True, timeout=120)
+    out = client.chat.completions.create(model=stack.model, messages=MESSAGES, max_completion_tokens=10, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == grpc_result.text
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), 10)
+
+    chunks = list(client.chat.completions.create(model=stack.model, messages=MESSAGES, max_tokens=10, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == grpc_result.text
+    assert chunks[-1].usage.prompt_tokens == len(ids) and chunks[-1].usage.total_tokens == len(ids) + 10
+
+
+def test_chat_logprobs(stack, client):
+    out = client.chat.completions.create(model=stack.model, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True,
+                                         top_logprobs=3, extra_body={"ignore_eos": True})
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens == 6
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob >= t.top_logprobs[-1].logprob for t in content)
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5) for t in content)  # greedy: the top one
+
+
+def test_stop_string_ends_the_text_before_it(stack, client):
+    text = client.completions.create(model=stack.model, prompt=PROMPT, max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    start = next(i for i in range(len(text) // 2, len(text) - 2) if "\ufffd" not in text[i : i + 2] and text[i : i + 2].strip())
+    stop = text[start : start + 2]
+    out = client.completions.create(model=stack.model, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop, "never-seen"],
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == text[: text.find(stop)]
+
+
+def test_models_and_health(stack, client):
+    assert [m.id for m in client.models.list().data] == [stack.model]
+    assert client.models.retrieve(stack.model).id == stack.model
+    base = stack.base_url.removesuffix("/v1")
+    assert httpx.get(f"{base}/health").status_code == 200
+
+
+def test_the_openai_client_raises_typed_errors(stack, client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        client.chat.completions.create(model=stack.model, messages=MESSAGES, max_tokens=2, n=2)
+
+
+MALFORMED = [
+    # (path, body, status, param, words in the message)
+    ("completions", b"{not json", 400, None, "not valid JSON"),
+    ("completions", b"[1, 2]", 400, None, "JSON object"),
+    ("completions", b'{"model": "MODEL"}', 400, "prompt", "Field required"),
+    ("completions", b'{"prompt": "hi", "max_tokens": "ten"}', 400, "max_tokens", "valid integer"),
+    ("completions", b'{"prompt": "hi", "max_tokens": 0}', 400, "max_tokens", "greater than or equal to 1"),
+    ("completions", b'{"prompt": "hi", "temperature": "hot"}', 400, "temperature", "valid number"),
+    ("completions", b'{"prompt": "hi", "temperature": -1}', 400, "temperature", ">= 0"),
+    ("completions", b'{"prompt": "hi", "top_p": 1.5}', 400, "top_p", "(0, 1]"),
+    ("completions", b'{"prompt": "hi", "n": 3}', 400, "n", "only n=1"),
+    ("completions", b'{"prompt": "hi", "echo": true}', 400, "echo", "not supported"),
+    ("completions", b'{"prompt": "hi", "max_tokens": 100000}', 400, "max_tokens", "over the limit"),
+    ("completions", b'{"prompt": "", "max_tokens": 4}', 400, "prompt", "empty"),
+    ("completions", b'{"prompt": [1, 99999999], "max_tokens": 4}', 400, "prompt", "outside the vocabulary"),
+    ("completions", b'{"prompt": ["a", "b"]}', 400, "prompt", "one prompt per request"),
+    ("completions", b'{"prompt": "hi", "model": "no-such-model"}', 404, "model", "does not exist"),
+    ("chat/completions", b'{"model": "MODEL"}', 400, "messages", "Field required"),
+    ("chat/completions", b'{"messages": []}', 400, "messages", "at least 1"),
+    ("chat/completions", b'{"messages": "hello"}', 400, "messages", "valid array"),
+    ("chat/completions", b'{"messages": [{"content": "hi"}]}', 400, "messages.0.role", "Field required"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n", "only n=1"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}', 400, "top_logprobs", "logprobs"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": true}}', 400,
+     "stream_options", "stream is true"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400, "messages.0.content", "text"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param", "words"), MALFORMED, ids=[f"{p}:{b[:40]!r}" for p, b, *_ in MALFORMED])
+def test_malformed_bodies_get_openai_errors(stack, path, body, status, param, words):
+    r = httpx.post(f"{stack.base_url}/{path}", content=body.replace(b"MODEL", stack.model.encode()),
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_wrong_method_and_path_and_timeout(stack):
+    assert httpx.get(f"{stack.base_url}/completions").status_code == 405
+    missing = httpx.get(f"{stack.base_url}/embeddings")
+    assert missing.status_code == 404 and "error" in missing.json()
+    r = httpx.post(f"{stack.base_url}/completions", json={"prompt": PROMPT, "max_tokens": 64, "timeout_seconds": 0.001}, timeout=60)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+
+
+def test_still_serves_after_the_bad_requests(stack, client):
+    out = client.chat.completions.create(model=stack.model, messages=MESSAGES, max_tokens=4, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "length"
+
+
+# In process: refusals that need a router configured just so (nothing reaches a worker in any).
+
+
+def _app(model_dir: Path, *, chat_template: bool = True, max_inflight: int = 8):
+    from splitserve.controlplane import MemoryControlPlane
+    from splitserve.services.metrics import ServiceMetrics
+    from splitserve.services.router.generation import GenerationService, RouterSettings
+    from splitserve.services.router.openai import build_app
+    from splitserve.services.router.request_input import ModelLimits
+    from splitserve.services.router.routing import make_policy
+    from splitserve.services.router.workers import WorkerDirectory
+    from splitserve.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    if not chat_template:
+        tokenizer.chat_template = None
+    limits = ModelLimits(vocab_size=len(tokenizer), max_model_len=512, max_tokens_limit=64, default_max_tokens=16)
+    settings = RouterSettings(model_name="m", architecture="llama", limits=limits, block_size=16, eos_token_ids=(), max_inflight=max_inflight)
+    metrics = ServiceMetrics("router")
+    service = GenerationService(settings, tokenizer, WorkerDirectory(MemoryControlPlane()), make_policy("round_robin"), metrics)
+    return build_app(service, None, lambda: True), metrics
+
+
+def _post(app, path: str, body: dict) -> httpx.Response:
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
+            return await c.post(path, json=body)
+
+    return asyncio.run(go())
+
+
+def test_chat_without_a_chat_template_is_a_clear_400(e2e_model_dir):
+    app, _ = _app(e2e_model_dir, chat_template=False)
+    r = _post(app, "/v1/chat/completions", {"messages": MESSAGES})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template"
+    assert "no chat template" in r.json()["error"]["message"] and "/v1/completions" in r.json()["error"]["message"]
+
+
+def test_no_workers_is_503_and_full_is_429(e2e_model_dir):
+    app, metrics = _app(e2e_model_dir)
+    r = _post(app, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
+    app, metrics = _app(e2e_model_dir, max_inflight=0)
+    r = _post(app, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    assert metrics.registry.get_sample_value("splitserve_errors_total", {"role": "router", "kind": "queue_full"}) == 1
