@@ -18,6 +18,7 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
 
 class TorchAttention:
     name = "torch"
+    needs_device_tensors = False
 
     def forward(
         self,

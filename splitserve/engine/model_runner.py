@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from splitserve.config import CacheConfig, ModelConfig
+from splitserve.engine.cuda_graphs import DecodeCUDAGraphs
 from splitserve.engine.scheduler import SchedulerOutput
-from splitserve.kernels.attention_metadata import AttentionMetadata
+from splitserve.kernels.attention_metadata import AttentionMetadata, with_device_tensors
 from splitserve.kernels.backend import select_backend
 from splitserve.models.arch import ArchConfig
 from splitserve.models.layers import TPGroup
@@ -36,6 +37,10 @@ class ModelRunner:
         self.num_blocks = self._num_blocks(cache_config)
         self.kv_cache = torch.zeros((self.num_blocks, *self.kv_block_shape), dtype=self.dtype, device=self.device)
         self.backend = select_backend(self.device)
+        self.graphs: DecodeCUDAGraphs | None = None  # decode steps replayed as CUDA graphs
+        if self.device.type == "cuda" and self.backend.needs_device_tensors:
+            self.model.use_gpu_kernels()
+            self.graphs = DecodeCUDAGraphs(self.model, self.kv_cache, self.backend, self.block_size, self.max_model_len)
 
     @staticmethod
     def _peek_max_len(model_config: ModelConfig) -> int:
@@ -89,11 +94,15 @@ class ModelRunner:
             slot_offset=(pos % self.block_size).to(self.device),
             block_size=self.block_size,
         )
+        if self.backend.needs_device_tensors:
+            meta = with_device_tensors(meta, self.device)
         return torch.tensor(input_ids, dtype=torch.long, device=self.device), pos.to(self.device), meta, sample_rows
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
         """Computes the scheduled tokens' KV; returns logits [num_sampling_requests, vocab]."""
+        if self.graphs is not None and self.graphs.can_run(out):
+            return self.graphs.run(out)
         input_ids, positions, meta, sample_rows = self.prepare(out)
         hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
         return self.model.compute_logits(hidden[sample_rows])

@@ -41,12 +41,25 @@ class TPGroup:
 
 
 class RMSNorm(nn.Module):
+    """``norm(x)``; given the residual stream too, ``(norm(x + residual), x + residual)``."""
+
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.use_kernel = False  # the fused Triton kernel (kernels/rmsnorm.py); set for CUDA runs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.use_kernel and x.is_cuda and x.stride(-1) == 1:
+            from splitserve.kernels.rmsnorm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # In fp32 and in this order, as transformers does, so low-precision results agree.
         dtype = x.dtype
         x = x.float()

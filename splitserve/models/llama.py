@@ -44,6 +44,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rope = rope
+        self.use_rotary_kernel = False  # rotate q and k in place with kernels/rotary.py; set for CUDA runs
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, backend: AttentionBackend
@@ -56,7 +57,12 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(positions, q, k)
+        if self.use_rotary_kernel and q.is_cuda:
+            from splitserve.kernels.rotary import apply_rotary_
+
+            q, k = apply_rotary_(positions, q, k, self.rope.cos, self.rope.sin)
+        else:
+            q, k = self.rope(positions, q, k)
         out = backend.forward(q, k, v, kv_layer, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(-1, q_size))
 
@@ -81,9 +87,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, kv_layer, meta, backend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_layer, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, kv_layer, meta, backend) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it); the next norm adds them,
+        so the add and the norm can be one kernel. Sums equal ``x + attn(...)``, ``x + mlp(...)`` exactly."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, kv_layer, meta, backend)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -105,10 +118,18 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, kv_cache[:, :, i], meta, backend)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, kv_cache[:, :, i], meta, backend)
+        return self.norm(x, residual)[0]
+
+    def use_gpu_kernels(self, enabled: bool = True) -> None:
+        """Fused RMSNorm(+residual) and in-place rotary through Triton on CUDA tensors (kernels/)."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.use_kernel = enabled
+            elif isinstance(module, Attention):
+                module.use_rotary_kernel = enabled
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.logits(hidden)
