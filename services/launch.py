@@ -156,7 +156,10 @@ async def serve_worker(config: WorkerConfig, listen: Listen, tls: TLSConfig | No
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     _announce(config.role, listen.host, port, metrics_port)
-    await stopping.wait()
+    failed = asyncio.ensure_future(runtime.failed.wait())
+    await asyncio.wait([asyncio.ensure_future(stopping.wait()), failed], return_when=asyncio.FIRST_COMPLETED)
+    if failed.done():
+        await _take_down(config, runtime, host, service)
     # Drain: leave the routing table first, stop taking calls, let in-flight ones finish.
     log.info("%s %s draining", config.role, config.worker_id)
     await runtime.presence.stop()
@@ -183,6 +186,21 @@ async def _worker_control_plane(url: str, tls: TLSConfig | None, api_key: str | 
         await channel.close()
         raise ControlPlaneUnavailable(f"no control plane answers at {url} (is the router running, and does its certificate verify?)") from None
     return RemoteControlPlane(channel, target, timeout)
+
+
+async def _take_down(config: WorkerConfig, runtime: WorkerRuntime, host: ServiceHost, service) -> None:
+    """A TP rank died: the group cannot compute any more. Health turns NOT_SERVING and the
+    worker deregisters first (routers stop sending), requests in flight fail UNAVAILABLE
+    (the engine's step raised; new ones are refused), then the process exits non-zero."""
+    error = runtime.engine.runner.error
+    log.error("%s %s going down: %s", config.role, config.worker_id, error)
+    await host.set_serving(False)
+    await runtime.presence.stop()
+    await host.server.stop(2.0)
+    if config.role != "prefill":
+        await service.close()
+    await runtime.stop()
+    raise error
 
 
 def _with_address(config: WorkerConfig, address: str) -> WorkerConfig:

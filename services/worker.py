@@ -10,6 +10,7 @@ from splitserve.config import EngineConfig, TransferConfig
 from splitserve.controlplane import ControlPlane, KVEvent, WorkerAgent, WorkerInfo, WorkerLoad
 from splitserve.engine.engine import LLMEngine
 from splitserve.kvtransfer import KVLayout, KVTransferAgent
+from splitserve.parallel import KVAgentSpec, KVGroup, PeerWorker, RankAgent, TPOptions, make_runner
 from splitserve.services.engine_loop import EngineLoop
 from splitserve.services.metrics import ServiceMetrics
 from splitserve.v1 import worker_pb2 as worker_pb
@@ -27,6 +28,7 @@ class WorkerConfig:
     control_plane_url: str = "embedded"
     heartbeat_ttl_seconds: float = 3.0
     model_name: str = ""
+    tp: TPOptions = TPOptions()  # how the ranks run when engine.parallel.tensor_parallel_size > 1
 
 
 def layout_to_proto(layout: KVLayout) -> worker_pb.KVLayout:
@@ -39,6 +41,7 @@ def layout_to_proto(layout: KVLayout) -> worker_pb.KVLayout:
         head_dim=layout.head_dim,
         tp_size=layout.tp_size,
         layout=layout.layout,
+        total_num_kv_heads=layout.total_num_kv_heads,
     )
 
 
@@ -52,7 +55,14 @@ def layout_from_proto(msg: worker_pb.KVLayout) -> KVLayout:
         head_dim=msg.head_dim,
         tp_size=msg.tp_size,
         layout=msg.layout,
+        total_num_kv_heads=msg.total_num_kv_heads,
     )
+
+
+def peer_from_proto(meta: worker_pb.TransferMetadata) -> PeerWorker:
+    """A peer worker's agents, one per TP rank; a peer that lists none has one, rank 0."""
+    ranks = [RankAgent(r.tp_rank, r.agent_name, r.agent_metadata) for r in meta.ranks]
+    return PeerWorker(meta.worker_id, layout_from_proto(meta.layout), tuple(ranks or [RankAgent(0, meta.agent_name, meta.agent_metadata)]))
 
 
 class WorkerRuntime:
@@ -61,21 +71,36 @@ class WorkerRuntime:
     def __init__(self, config: WorkerConfig, control_plane: ControlPlane, metrics: ServiceMetrics, engine: LLMEngine | None = None) -> None:
         self.config = config
         self.metrics = metrics
-        self.engine = engine or LLMEngine(config.engine)
+        model_name = config.model_name or config.engine.model.model_dir.name
+        # A fresh agent name per process: a restarted worker is a new peer, never a stale one.
+        agent_name = f"{config.worker_id}-{uuid.uuid4().hex[:8]}"
+        # TP > 1: this process is rank 0 and starts the other ranks, each with an agent of its own.
+        self.engine = engine or LLMEngine(config.engine, make_runner(config.engine, KVAgentSpec(agent_name, model_name), config.tp))
         self.engine.block_pool.record_kv_events = True
         self.loop = EngineLoop(self.engine, on_kv_events=self._on_kv_events)
-        kv_cache = self.engine.runner.kv_cache
-        self.layout = KVLayout.from_kv_cache(kv_cache, model=config.model_name or config.engine.model.model_dir.name)
-        # A fresh agent name per process: a restarted worker is a new peer, never a stale one.
-        self.agent = KVTransferAgent(f"{config.worker_id}-{uuid.uuid4().hex[:8]}", kv_cache, self.layout)
+        runner = self.engine.runner
+        tp_size = config.engine.parallel.tensor_parallel_size
+        self.layout = KVLayout.from_kv_cache(runner.kv_cache, model=model_name, tp_size=tp_size, total_num_kv_heads=runner.arch.num_kv_heads)
+        self.agent = KVTransferAgent(agent_name, runner.kv_cache, self.layout)
+        ranks = getattr(runner, "ranks", [])
+        self.kv = KVGroup(self.agent, ranks, [RankAgent(i.rank, i.agent_name, i.agent_metadata) for i in getattr(runner, "infos", [])])
+        # Set when a TP rank dies: the worker must go (serve_worker takes it down).
+        self.failed = asyncio.Event()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        if hasattr(runner, "on_failure"):
+            runner.on_failure(self._on_rank_failure)
         info = WorkerInfo(
-            worker_id=config.worker_id, role=config.role, address=config.address, block_size=config.engine.cache.block_size, model=self.layout.model
+            worker_id=config.worker_id, role=config.role, address=config.address, block_size=config.engine.cache.block_size,
+            tp_size=tp_size, model=self.layout.model,
         )
         self.presence = WorkerAgent(control_plane, info, self.load, lambda: list(self.engine.block_pool.cached), config.heartbeat_ttl_seconds)
         self.control_plane = control_plane
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
+        self._event_loop = asyncio.get_running_loop()
+        if getattr(self.engine.runner, "failed", False):
+            self.failed.set()
         self.loop.start()
         await self.presence.start()
         self.spawn(self._observe())
@@ -93,7 +118,16 @@ class WorkerRuntime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.loop.stop()
         self.agent.close()
+        if hasattr(self.engine.runner, "close"):
+            await asyncio.to_thread(self.engine.runner.close)
         await self.control_plane.close()
+
+    def _on_rank_failure(self, error: Exception) -> None:
+        """Any thread: a TP rank is gone. New requests are refused at once (UNAVAILABLE);
+        the engine thread's step fails those in flight; serve_worker takes the worker down."""
+        self.loop.error = error
+        if self._event_loop is not None:
+            self._event_loop.call_soon_threadsafe(self.failed.set)
 
     def load(self) -> WorkerLoad:
         s = self.loop.stats
@@ -141,6 +175,8 @@ class WorkerRuntime:
         )
 
     def transfer_metadata(self) -> worker_pb.TransferMetadata:
+        ranks = [worker_pb.RankAgent(tp_rank=r.tp_rank, agent_name=r.agent_name, agent_metadata=r.agent_metadata) for r in self.kv.agents()]
         return worker_pb.TransferMetadata(
-            agent_name=self.agent.name, agent_metadata=self.agent.metadata(), layout=layout_to_proto(self.layout), worker_id=self.config.worker_id
+            agent_name=self.agent.name, agent_metadata=ranks[0].agent_metadata, layout=layout_to_proto(self.layout),
+            worker_id=self.config.worker_id, ranks=ranks,
         )

@@ -28,7 +28,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size (only 1 is implemented so far)")
+    p.add_argument("--tp-size", type=int, default=1,
+                   help="tensor-parallel size: one process per rank, on --device and the next GPUs (gloo on CPU); the KV pool of any TP size can exchange KV with this one")
 
 
 def _add_worker(p: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
@@ -208,8 +209,13 @@ def _run_worker(args) -> int:
     from splitserve.services.security import SecurityConfigError, worker_tls
     from splitserve.services.worker import WorkerConfig
 
-    if args.tp_size != 1:
-        print("error: --tp-size other than 1 is not implemented yet", file=sys.stderr)
+    from splitserve.config import ConfigError, ParallelConfig
+    from splitserve.parallel import RankFailedError
+
+    try:
+        parallel = ParallelConfig(tensor_parallel_size=args.tp_size)
+    except ConfigError as e:
+        print(f"error: --tp-size: {e}", file=sys.stderr)
         return 2
     engine = EngineConfig(
         model=ModelConfig(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len),
@@ -220,6 +226,7 @@ def _run_worker(args) -> int:
             enable_prefix_caching=not args.no_prefix_caching,
         ),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+        parallel=parallel,
     )
     worker_id = args.worker_id or f"{args.command}-{args.host}-{args.port}"
     config = WorkerConfig(
@@ -238,7 +245,11 @@ def _run_worker(args) -> int:
         if not keys:
             raise SecurityConfigError(f"--control-plane-api-key-file {args.control_plane_api_key_file} holds no key")
         key = keys[0]
-    return _serve(serve_worker(config, listen, tls, key))
+    try:
+        return _serve(serve_worker(config, listen, tls, key))
+    except RankFailedError as e:  # the worker took itself down: health, registration and requests are settled
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def _serve(coro) -> int:

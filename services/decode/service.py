@@ -18,7 +18,8 @@ from splitserve.services.convert import (
 )
 from splitserve.services.prefill.service import next_output, run_engine_request
 from splitserve.services.security import ChannelSecurity, dial
-from splitserve.services.worker import WorkerRuntime, layout_from_proto
+from splitserve.parallel import RankFailedError
+from splitserve.services.worker import WorkerRuntime, peer_from_proto
 from splitserve.v1 import worker_pb2 as worker_pb
 from splitserve.v1 import worker_pb2_grpc
 
@@ -97,9 +98,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                     asyncio.ensure_future(self._release_remote(kv, request_id))
 
     async def _ensure_peer(self, kv: worker_pb.KVHandle) -> None:
-        """Adds the prefill worker's agent once per incarnation (its agent name changes on restart)."""
-        agent = self.runtime.agent
-        if kv.agent_name in agent.peers:
+        """Adds the prefill worker's agents once per incarnation (its agent name changes on restart)."""
+        if kv.agent_name in self.runtime.kv.peers:
             return
         pending = self._handshakes.get(kv.agent_name)
         if pending is None:
@@ -113,10 +113,12 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     async def _handshake(self, kv: worker_pb.KVHandle) -> None:
         stub = worker_pb2_grpc.PrefillWorkerStub(self._channel(kv.address))
         meta = await stub.GetTransferMetadata(worker_pb.TransferMetadataRequest(), timeout=self.transfer.transfer_timeout_seconds)
+        kv_group = self.runtime.kv
         # Earlier incarnations of the same worker are gone: forget them.
-        for old in [p for p in self.runtime.agent.peers if p.rsplit("-", 1)[0] == meta.worker_id and p != meta.agent_name]:
-            self.runtime.agent.remove_peer(old)
-        self.runtime.agent.add_peer(meta.agent_name, meta.agent_metadata, layout_from_proto(meta.layout))
+        for old in [p for p in kv_group.peers if kv_group.peer(p).worker_id == meta.worker_id and p != meta.agent_name]:
+            await kv_group.remove_peer(old)
+        # Every local rank adds the prefill ranks holding its KV heads; the TP sizes may differ.
+        await kv_group.add_peer(peer_from_proto(meta), timeout=self.transfer.transfer_timeout_seconds)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
@@ -129,10 +131,11 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         if kv is None:
             self.runtime.loop.finish_kv_load(load.request_id, False)
             return
-        agent, start = self.runtime.agent, time.perf_counter()
+        kv_group, start = self.runtime.kv, time.perf_counter()
         renewer = asyncio.ensure_future(self._renew_lease(kv, load.request_id))
         try:
-            result = await agent.read_blocks_async(
+            # Each local rank reads its own KV heads (from the prefill ranks holding them), all under one deadline.
+            result = await kv_group.read(
                 kv.agent_name,
                 load.remote_block_ids,
                 load.local_block_ids,
@@ -142,13 +145,19 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         except TransferTimeoutError as e:
             self._transfer_failed(load, kv, e, quarantine=frozenset(load.local_block_ids))
             return
-        except KVTransferError as e:
-            if isinstance(e, PeerDisconnectedError) and kv.agent_name in agent.peers:
-                agent.remove_peer(kv.agent_name)
+        except (KVTransferError, RankFailedError) as e:
+            if isinstance(e, PeerDisconnectedError) and kv.agent_name in kv_group.peers:
+                await kv_group.remove_peer(kv.agent_name)
+            self._transfer_failed(load, kv, e)
+            return
+        except Exception as e:  # a bug: still report back, or the request would wait forever
+            log.exception("KV load of %s failed", load.request_id)
             self._transfer_failed(load, kv, e)
             return
         finally:
             renewer.cancel()
+        if not result.notified:  # several READs: none of them alone tells the prefill worker it may let go
+            asyncio.ensure_future(self._release_remote(kv, load.request_id))
         self.num_kv_transfers += 1
         self.num_kv_bytes += result.num_bytes
         self.runtime.metrics.kv_bytes.labels("decode").inc(result.num_bytes)
@@ -183,7 +192,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     async def _reclaim(self) -> None:
         """Blocks of timed-out READs come back once NIXL reports them settled."""
         while True:
-            blocks = self.runtime.agent.reclaim()
+            blocks = self.runtime.kv.reclaim()
             if blocks:
                 self.runtime.loop.free_quarantined(blocks)
             await asyncio.sleep(0.5)

@@ -10,6 +10,7 @@ import grpc
 from splitserve.engine.engine import RequestOutput
 from splitserve.engine.errors import InvalidRequestError, QueueFullError
 from splitserve.kvtransfer import LeaseTable
+from splitserve.parallel import RankFailedError
 from splitserve.services.convert import sampling_params_from_proto, token_logprob_to_proto
 from splitserve.services.engine_loop import Finished
 from splitserve.services.worker import WorkerRuntime
@@ -40,6 +41,8 @@ async def next_output(stream: asyncio.Queue, context):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
     if isinstance(item, QueueFullError):
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(item))
+    if isinstance(item, RankFailedError):  # the worker is going down; another one can serve the request
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(item))
     if isinstance(item, BaseException):
         await context.abort(grpc.StatusCode.INTERNAL, f"engine failed: {item}")
     return item
