@@ -56,4 +56,12 @@ class HttpServer:
         if self._task is None:
             return
         self.server.should_exit = True
-        await self._task
+        while not self._task.done():
+            # uvicorn closes idle keep-alive connections at once; over TLS, asyncio then waits up to
+            # 30 s for the client's close_notify, which an idle client never sends: drop those.
+            for connection in list(self.server.server_state.connections):
+                transport = getattr(connection, "transport", None)
+                if transport is not None and transport.is_closing():
+                    transport.abort()
+            await asyncio.wait({self._task}, timeout=0.2)
+        self._task.result()
