@@ -111,6 +111,8 @@ COMBINATIONS = {
     "model-image": {"model": {"source": "image", "image": {"repository": "registry.local/models/llama", "tag": "8b"}}},
     "tls-and-api-keys": {"router": {"tls": {"enabled": True, "secretName": "router-tls"}},
                          "auth": {"apiKeysSecret": "splitserve-keys"}},
+    "internal-mtls": {"router": {"tls": {"enabled": True, "secretName": "router-tls"}},
+                      "internalTLS": {"enabled": True, "secretName": "splitserve-internal-tls", "serverName": "worker.splitserve"}},
     "redis-persistence": {"redis": {"bundled": {"persistence": {"enabled": True, "storageClass": "fast"}}}},
     "minimal": {"networkPolicy": {"enabled": False}, "serviceAccount": {"create": False},
                 "router": {"pdb": {"enabled": False}, "preStopSleepSeconds": 0},
@@ -430,8 +432,28 @@ def test_worker_args_parse_with_the_splitserve_cli(chart, component):
     assert args.control_plane == "redis://redis.shared:6379/2"
 
 
-@pytest.mark.xfail(reason="issue 11: the router CLI has no --http-port/--tls-cert/--tls-key/--api-keys-file yet",
-                   raises=SystemExit, strict=False)
 def test_router_args_parse_with_the_splitserve_cli(chart):
     args = _cli_parse(container(render(chart, COMBINATIONS["tls-and-api-keys"]), "router"))
     assert args.command == "router" and args.port == 50051
+    assert (args.http_port, str(args.tls_cert), str(args.tls_key)) == (8000, "/etc/splitserve/tls/tls.crt", "/etc/splitserve/tls/tls.key")
+    assert str(args.api_keys_file) == "/etc/splitserve/auth/keys" and args.tls_ca is None
+
+
+def test_internal_mutual_tls_reaches_router_and_workers(chart):
+    manifests = render(chart, COMBINATIONS["internal-mtls"])
+    router = _cli_parse(container(manifests, "router"))
+    assert str(router.tls_ca) == "/etc/splitserve/internal-tls/ca.crt" and router.tls_server_name == "worker.splitserve"
+    assert str(router.tls_client_cert) == "/etc/splitserve/internal-tls/tls.crt"
+    for component in ("router", "prefill", "decode"):
+        volumes = {v["name"]: v for v in pod_spec(manifests, component)["volumes"]}
+        assert volumes["internal-tls"]["secret"]["secretName"] == "splitserve-internal-tls"
+        mounts = {m["name"]: m["mountPath"] for m in container(manifests, component)["volumeMounts"]}
+        assert mounts["internal-tls"] == "/etc/splitserve/internal-tls"
+    for component in ("prefill", "decode"):
+        c = container(manifests, component)
+        args = _cli_parse(c)
+        assert (str(args.tls_cert), str(args.tls_ca)) == ("/etc/splitserve/internal-tls/tls.crt", "/etc/splitserve/internal-tls/ca.crt")
+        assert args.tls_server_name == "worker.splitserve"
+        # The kubelet's gRPC probe cannot speak TLS: a worker that requires client certificates is probed by TCP.
+        assert c["readinessProbe"]["tcpSocket"] == {"port": "grpc"} and "grpc" not in c["livenessProbe"]
+    assert _cli_parse(container(render(chart, {}), "prefill")).tls_ca is None  # off by default

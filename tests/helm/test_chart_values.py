@@ -40,6 +40,8 @@ REJECTED = [
     ({"redis": {"mode": "external"}}, "/redis/external/url", "minLength"),
     ({"redis": {"external": {"url": "localhost:6379"}}}, "/redis/external/url", "does not match pattern"),
     ({"router": {"tls": {"enabled": True}}}, "/router/tls/secretName", "minLength"),
+    ({"internalTLS": {"enabled": True}}, "/internalTLS/secretName", "minLength"),
+    ({"internalTLS": {"enabled": True, "secretName": "s", "ca": "ca.crt"}}, "/internalTLS", "'ca' not allowed"),
     ({"prefill": {"autoscaling": {"maxReplicas": 0}}}, "/prefill/autoscaling/maxReplicas", "minimum"),
     ({"prefill": {"resources": {"limits": {"memory": "lots"}}}}, "/prefill/resources/limits/memory", ""),
     ({"planner": {"enabled": "yes"}}, "/planner/enabled", "got string, want boolean"),

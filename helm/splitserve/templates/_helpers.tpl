@@ -153,3 +153,15 @@ prometheus.io/path: /metrics
 {{- $pool := index .ctx.Values .component -}}
 {{- if or $pool.autoscaling.enabled .ctx.Values.planner.enabled -}}true{{- end -}}
 {{- end -}}
+
+{{/* The internalTLS Secret (tls.crt, tls.key, ca.crt) as a pod volume: router and workers. */}}
+{{- define "splitserve.internalTLSVolume" -}}
+- name: internal-tls
+  secret:
+    secretName: {{ .Values.internalTLS.secretName }}
+    defaultMode: 0440
+    items:
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+      - {key: ca.crt, path: ca.crt}
+{{- end -}}

@@ -8,6 +8,9 @@ so their resources share these bodies. Each takes (dict "ctx" $ "component" "pre
 {{- $pool := index $.Values .component -}}
 {{- $name := include "splitserve.componentName" . -}}
 {{- $tp := int $pool.tpSize -}}
+{{- $mtls := $.Values.internalTLS -}}
+{{- /* The kubelet's gRPC probe speaks plaintext only, so a TLS listener is probed by TCP. */ -}}
+{{- $probe := ternary (dict "tcpSocket" (dict "port" "grpc")) (dict "grpc" (dict "port" (int $pool.ports.grpc))) $mtls.enabled -}}
 {{- if le (int $.Values.kvTransfer.endPort) (int $.Values.kvTransfer.port) -}}
 {{- fail (printf "kvTransfer.endPort (%d) must be above kvTransfer.port (%d)" (int $.Values.kvTransfer.endPort) (int $.Values.kvTransfer.port)) -}}
 {{- end -}}
@@ -70,6 +73,12 @@ spec:
             - --device=cuda
             - --tp-size={{ $tp }}
             - --control-plane={{ include "splitserve.redisUrl" $ }}
+            {{- if $mtls.enabled }}
+            - --tls-cert=/etc/splitserve/internal-tls/tls.crt
+            - --tls-key=/etc/splitserve/internal-tls/tls.key
+            - --tls-ca=/etc/splitserve/internal-tls/ca.crt
+            - --tls-server-name={{ $mtls.serverName }}
+            {{- end }}
             {{- range $pool.extraArgs }}
             - {{ . | quote }}
             {{- end }}
@@ -89,15 +98,15 @@ spec:
             - {name: kv-transfer, containerPort: {{ int $.Values.kvTransfer.port }}, protocol: TCP}
           # Model loading can take minutes; liveness starts only once startup succeeded.
           startupProbe:
-            grpc: {port: {{ int $pool.ports.grpc }}}
+            {{- toYaml $probe | nindent 12 }}
             periodSeconds: 10
             failureThreshold: {{ div (int $pool.startupTimeoutSeconds) 10 | max 1 }}
           readinessProbe:
-            grpc: {port: {{ int $pool.ports.grpc }}}
+            {{- toYaml $probe | nindent 12 }}
             periodSeconds: 5
             failureThreshold: 2
           livenessProbe:
-            grpc: {port: {{ int $pool.ports.grpc }}}
+            {{- toYaml $probe | nindent 12 }}
             periodSeconds: 10
             timeoutSeconds: 5
             failureThreshold: 6
@@ -113,8 +122,14 @@ spec:
           volumeMounts:
             {{- include "splitserve.modelVolumeMount" $ | nindent 12 }}
             - {name: dshm, mountPath: /dev/shm}
+            {{- if $mtls.enabled }}
+            - {name: internal-tls, mountPath: /etc/splitserve/internal-tls, readOnly: true}
+            {{- end }}
       volumes:
         {{- include "splitserve.modelVolume" $ | nindent 8 }}
+        {{- if $mtls.enabled }}
+        {{- include "splitserve.internalTLSVolume" $ | nindent 8 }}
+        {{- end }}
         - name: dshm
           emptyDir:
             medium: Memory
