@@ -85,6 +85,16 @@ def event_ms(fn, iters: int) -> float:
     return statistics.median(runs)
 
 
+def graph_ms(fn, calls: int = 20) -> float:
+    """GPU time of one call of ``fn``, from a CUDA graph of ``calls`` calls: no launch overhead in it."""
+    fn()  # compiles
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return event_ms(graph.replay, 10) / calls
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second, 1 GiB buffers."""
     x = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)
@@ -165,7 +175,9 @@ def measure_preset(preset: str, args, bandwidth: float, mm_rate: float, rng: ran
             row["eager_ms"] = median_ms(step_fn(runner, out), max(5, args.iters // 5))
             model.use_gpu_kernels(False)
             row["eager_unfused_ms"] = median_ms(step_fn(runner, out), max(5, args.iters // 5))
-            runner.graphs = DecodeCUDAGraphs(model, runner.kv_cache, runner.backend, runner.block_size, runner.max_model_len, max_batch=batch)
+            runner.graphs = DecodeCUDAGraphs(
+                model, runner.kv_cache, runner.backend, runner.block_size, runner.max_model_len, max_batch=batch
+            )
             row["unfused_ms"] = median_ms(step_fn(runner, out), args.iters)
             row["unfused_gpu_ms"] = event_ms(lambda: runner.graphs.replay(batch), args.iters)
             model.use_gpu_kernels(True)
@@ -174,15 +186,40 @@ def measure_preset(preset: str, args, bandwidth: float, mm_rate: float, rng: ran
         row["tokens_per_s"] = batch / row["graph_ms"] * 1e3
         result["decode"].append(row)
         print("  " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    result["attention"] = measure_attention(runner, args.batch_sizes, args.context, bandwidth, rng)
     if args.prefill_tokens:
         result["prefill"] = measure_prefill(runner, args.prefill_tokens, mm_rate, rng)
     if args.engine_batch:
         result["engine"] = measure_engine(runner, model_dir, args.engine_batch, args.context, rng)
         result["engine"]["floor_ms"] = (weight_bytes + args.engine_batch * args.context * kv_bytes_per_token) / bandwidth * 1e3
-    del runner, model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return result
+    return result  # the runner, its cache and graphs go with this frame; main() then frees the memory
+
+
+def measure_attention(runner: ModelRunner, batch_sizes, context: int, bandwidth: float, rng: random.Random) -> list[dict]:
+    """One layer's decode attention alone (in a CUDA graph), per context split count: KV bytes read / time vs the copy bandwidth."""
+    from splitserve.kernels.paged_decode import default_num_splits, paged_decode_attention
+
+    arch, rows = runner.arch, []
+    kv_layer = runner.kv_cache[:, :, 0]
+    for batch in batch_sizes:
+        out = decode_batch(runner, batch, context, rng)
+        table = torch.zeros((batch, max(len(s.block_ids) for s in out.scheduled)), dtype=torch.int32)
+        for i, s in enumerate(out.scheduled):
+            table[i, : len(s.block_ids)] = torch.tensor(s.block_ids)
+        table = table.cuda()
+        lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+        q = torch.randn((batch, arch.num_heads, arch.head_dim), device="cuda", dtype=runner.dtype)
+        kv_bytes = batch * context * 2 * arch.num_kv_heads * arch.head_dim * runner.dtype.itemsize
+        for splits in (1, 2, 4, 8, 16, 32):
+            ms = graph_ms(lambda: paged_decode_attention(q, kv_layer, table, lens, 0.1, None, splits))
+            rows.append({"batch": batch, "context": context, "num_splits": splits, "us": ms * 1e3,
+                         "fraction_of_copy_bandwidth": kv_bytes / (ms * 1e-3) / bandwidth,
+                         "default": splits == default_num_splits(batch, arch.num_kv_heads)})
+        best = min((r for r in rows if r["batch"] == batch), key=lambda r: r["us"])
+        chosen = next(r for r in rows if r["batch"] == batch and r["default"])
+        print(f"  attention B={batch}: default {chosen['num_splits']} splits {chosen['us']:.0f} us "
+              f"({chosen['fraction_of_copy_bandwidth']:.2f} of copy bw); best {best['num_splits']} splits {best['us']:.0f} us", flush=True)
+    return rows
 
 
 def measure_prefill(runner: ModelRunner, num_tokens: int, mm_rate: float, rng: random.Random) -> dict:
@@ -245,9 +282,6 @@ def measure_hf(model_dir: Path, batch: int, context: int) -> dict:
         generate(2)
         one, many = generate(1), generate(17)
     step_ms = (many - one) / 16 * 1e3
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
     row = {"batch": batch, "context": context, "step_ms": step_ms, "tokens_per_s": batch / step_ms * 1e3}
     print(f"  transformers generate, batch {batch}: {step_ms:.1f} ms/step, {row['tokens_per_s']:.0f} tok/s", flush=True)
     return row
@@ -333,14 +367,18 @@ def main(argv=None) -> None:
     print(f"# copy {bandwidth / 1e9:.0f} GB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s", flush=True)
     for i, preset in enumerate(args.presets):
         row = measure_preset(preset, args, bandwidth, mm_rate, rng)
+        gc.collect()
+        torch.cuda.empty_cache()
         if args.hf_batch and i == 0:
             row["hf"] = measure_hf(args.checkpoint_dir / preset, args.hf_batch, args.context)
+            gc.collect()
+            torch.cuda.empty_cache()
         results["presets"].append(row)
         if args.out:
             args.out.write_text(json.dumps(results, indent=2) + "\n")
     text = markdown(results)
     if args.out:
-        args.out.with_suffix(".md").write_text(text + "\n")
+        args.out.with_name(args.out.stem + "_table.md").write_text(text + "\n")
     print(text)
 
 

@@ -69,8 +69,10 @@ def apply_rotary_(
         raise ValueError(f"q {tuple(q.shape)} {q.dtype} and k {tuple(k.shape)} {k.dtype} disagree")
     if q.stride(2) != 1 or k.stride(2) != 1 or head_dim % 2:
         raise ValueError("head_dim must be even and contiguous in q and k")
-    if cos.shape != sin.shape or cos.shape[1] != head_dim or cos.dtype != torch.float32 or cos.stride(1) != 1 or sin.stride() != cos.stride():
-        raise ValueError(f"cos/sin must be [max_positions, {head_dim}] fp32 with the same strides")
+    if cos.shape != sin.shape or cos.shape[1] != head_dim or cos.dtype != torch.float32:
+        raise ValueError(f"cos/sin must be [max_positions, {head_dim}] fp32")
+    if cos.stride(1) != 1 or sin.stride() != cos.stride():
+        raise ValueError("cos and sin must share strides, their last dim contiguous")
     if positions.shape != (num_tokens,):
         raise ValueError(f"positions must be [{num_tokens}], got {tuple(positions.shape)}")
     if num_tokens:
