@@ -15,15 +15,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import openai
 import pytest
 
 from splitserve.client import Client
+from splitserve.testing.cluster import wait_until
+from splitserve.v1 import worker_pb2 as worker_pb
+from splitserve.v1 import worker_pb2_grpc
 
 pytestmark = [pytest.mark.slow]
 
 LISTENING = re.compile(r"splitserve router listening on (\S+) .*OpenAI-compatible HTTP API at (\S+?)[;)]")
+WORKER_READY = re.compile(r"\[(prefill|decode)\] ready at (\S+)")
 PROMPT = "The quick brown fox jumps over the lazy dog, and then it"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
 
@@ -33,6 +38,17 @@ class Stack:
     grpc_address: str
     base_url: str  # http://host:port/v1
     model: str
+    workers: dict[str, str]  # role -> address
+
+    def settled(self) -> bool:
+        """Nothing running or queued on either worker, and every KV block back (cached ones count as free)."""
+        for role, address in self.workers.items():
+            with grpc.insecure_channel(address) as channel:
+                stub = (worker_pb2_grpc.PrefillWorkerStub if role == "prefill" else worker_pb2_grpc.DecodeWorkerStub)(channel)
+                s = stub.GetStats(worker_pb.StatsRequest(), timeout=10)
+            if s.num_running or s.num_waiting or s.num_pinned_blocks or s.num_free_blocks != s.num_total_blocks:
+                return False
+        return True
 
 
 def _free_port() -> int:
@@ -63,7 +79,8 @@ def stack(e2e_model_dir: Path) -> Iterator[Stack]:
         match = next((m for m in map(LISTENING.search, lines) if m), None)
         if match is None:
             pytest.fail(f"splitserve up did not come up:\n{''.join(lines[-40:])}")
-        yield Stack(match.group(1), match.group(2), e2e_model_dir.name)
+        workers = {m.group(1): m.group(2) for m in map(WORKER_READY.search, lines) if m}
+        yield Stack(match.group(1), match.group(2), e2e_model_dir.name, workers)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # up drains and stops its workers
@@ -220,6 +237,26 @@ def test_wrong_method_and_path_and_timeout(stack):
     assert missing.status_code == 404 and "error" in missing.json()
     r = httpx.post(f"{stack.base_url}/completions", json={"prompt": PROMPT, "max_tokens": 64, "timeout_seconds": 0.001}, timeout=60)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+
+
+def test_a_client_that_leaves_frees_its_request_on_the_workers(stack):
+    def decode_stats():
+        with grpc.insecure_channel(stack.workers["decode"]) as channel:
+            return worker_pb2_grpc.DecodeWorkerStub(channel).GetStats(worker_pb.StatsRequest(), timeout=10)
+
+    finished = decode_stats().num_requests_finished
+    body = {"prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{stack.base_url}/completions", json={**body, "stream": True}) as r:
+            events = r.iter_lines()
+            assert [next(events) for _ in range(6)]  # a few tokens in...
+            assert decode_stats().num_running == 1
+        # ...then the client hangs up: the request is aborted (not finished) and its blocks come back.
+        assert wait_until(stack.settled, timeout=30)
+        with pytest.raises(httpx.ReadTimeout):  # not streamed: the server notices the disconnect all the same
+            http.post(f"{stack.base_url}/completions", json=body, timeout=3)
+        assert wait_until(stack.settled, timeout=30)
+    assert decode_stats().num_requests_finished == finished
 
 
 def test_still_serves_after_the_bad_requests(stack, client):
