@@ -110,12 +110,13 @@ def test_new_requests_join_the_running_batch():
 def test_max_num_seqs_bounds_the_running_batch():
     scheduler = make_scheduler(max_num_seqs=2)
     requests = [add(scheduler, f"r{i}", 5, max_tokens=3, first=10 * i) for i in range(5)]
-    outs = run(scheduler)
-    assert max(len(out.scheduled) for out in outs) == 2
+    first_scheduled = []
+    while scheduler.num_unfinished:
+        out = step(scheduler)
+        assert len(out.scheduled) <= 2 and len(scheduler.running) <= 2
+        first_scheduled += [s.request_id for s in out.scheduled if s.start_pos == 0]
+    assert first_scheduled == [f"r{i}" for i in range(5)]  # first come, first served
     assert all(r.finish_reason == FinishReason.LENGTH for r in requests)
-    # first come, first served
-    finished_order = sorted(requests, key=lambda r: next(i for i, out in enumerate(outs) if r.request_id in {s.request_id for s in out.scheduled}))
-    assert [r.request_id for r in finished_order] == [f"r{i}" for i in range(5)]
     assert_pool_empty(scheduler)
 
 
