@@ -80,7 +80,8 @@ def test_free_is_idempotent():
 
 
 class KVCacheManagerMachine(RuleBasedStateMachine):
-    """Requests arrive, compute their tokens in chunks, decode, get preempted and finish, on a small pool."""
+    """Requests arrive, compute their tokens in chunks, decode, get preempted, fail KV loads (quarantining
+    blocks) and finish, on a small pool."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,6 +89,7 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
         self.requests: dict[str, Request] = {}
         self.pending: dict[str, int] = {}  # tokens allocated for but not computed yet
         self.shadow: dict[int, dict[int, int]] = {}  # block id -> {slot: token id whose KV is there}
+        self.quarantined: set[int] = set()  # blocks a failed transfer may still write into
 
     @initialize(num_blocks=st.integers(3, 12), block_size=st.sampled_from([1, 2, 4]))
     def setup(self, num_blocks, block_size):
@@ -113,7 +115,7 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
             assert [self.shadow[block.block_id][j] for j in range(self.block_size)] == expected
         num_new = min(chunk, request.num_tokens - num_hit_tokens)
         before = self.snapshot()
-        held = {b.block_id for blocks in self.kv.req_to_blocks.values() for b in blocks}
+        held = {b.block_id for blocks in self.kv.req_to_blocks.values() for b in blocks} | self.quarantined
         new_blocks = self.kv.allocate_slots(request, num_new, hits)
         num_needed = self.kv.num_blocks_for(num_hit_tokens + num_new) - len(hits)
         num_free_hits = sum(b.ref_cnt == 0 for b in hits) if new_blocks is None else 0
@@ -165,6 +167,7 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
         num_new = min(chunk, request.num_tokens - request.num_computed_tokens)
         before = self.snapshot()
         held_by_others = {b.block_id for r, bl in self.kv.req_to_blocks.items() if r != request_id for b in bl}
+        held_by_others |= self.quarantined
         new_blocks = self.kv.allocate_slots(request, num_new)
         if new_blocks is None:
             assert self.snapshot() == before
@@ -184,6 +187,27 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
         self.kv.free(request)
         if twice:
             self.kv.free(request)
+
+    @precondition(lambda self: any(self.pending.values()))
+    @rule(data=st.data())
+    def fail_load_with_quarantine(self, data):
+        """A KV transfer into the request's new blocks failed late: they are held back, the request is freed."""
+        request_id = data.draw(st.sampled_from(sorted(r for r, n in self.pending.items() if n)))
+        request = self.requests.pop(request_id)
+        del self.pending[request_id]
+        fresh = [b.block_id for b in self.blocks_of(request_id) if b.ref_cnt == 1 and b.block_hash is None]
+        quarantine = frozenset(data.draw(st.lists(st.sampled_from(fresh), unique=True)) if fresh else [])
+        self.kv.free(request, quarantine)
+        self.quarantined |= quarantine
+        for block_id in quarantine:
+            self.shadow[block_id] = {}  # a late write may land there: its KV is garbage
+
+    @precondition(lambda self: self.quarantined)
+    @rule(data=st.data())
+    def release_quarantine(self, data):
+        block_ids = data.draw(st.lists(st.sampled_from(sorted(self.quarantined)), min_size=1, unique=True))
+        self.kv.free_quarantined(block_ids + [10_000])  # an unknown id is ignored
+        self.quarantined -= set(block_ids)
 
     @precondition(lambda self: self.requests)
     @rule(data=st.data(), chunk=st.integers(1, 12))
@@ -208,7 +232,8 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
             for b in blocks:
                 holders[b.block_id] = holders.get(b.block_id, 0) + 1
         for block in self.pool.blocks:
-            assert block.ref_cnt == holders.get(block.block_id, 0)
+            assert block.ref_cnt == holders.get(block.block_id, 0) + (block.block_id in self.quarantined)
+        assert set(self.kv.quarantined) == self.quarantined
         assert self.pool.num_free_blocks == sum(b.ref_cnt == 0 for b in self.pool.blocks)
         assert set(self.kv.req_to_blocks) == set(self.requests)
 
@@ -235,6 +260,7 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
             return
         for request in self.requests.values():
             self.kv.free(request)
+        self.kv.free_quarantined(sorted(self.quarantined))
         assert self.kv.num_requests == 0 and not self.kv._num_cached_blocks
         assert all(b.ref_cnt == 0 for b in self.pool.blocks)
         assert self.pool.num_free_blocks == self.pool.num_blocks
