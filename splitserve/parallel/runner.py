@@ -76,6 +76,7 @@ class RankHandle:
         self._pending: dict[int, concurrent.futures.Future] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
+        self._terminate_lock = threading.Lock()
         self._on_lost = on_lost
         self._reader = threading.Thread(target=self._read, name=f"tp-rank-{rank}-reader", daemon=True)
         self._reader.start()
@@ -114,6 +115,14 @@ class RankHandle:
             future.set_result(result)
 
     def _read(self) -> None:
+        # The only thread that closes the socket, once the rank is gone: closing it under
+        # a blocked reader (or twice) could close an fd number already reused elsewhere.
+        try:
+            self._read_until_gone()
+        finally:
+            self.channel.close()
+
+    def _read_until_gone(self) -> None:
         while True:
             try:
                 msg = self.channel.recv()
@@ -136,17 +145,18 @@ class RankHandle:
                 self.ready.put(RankInfo(msg["rank"], msg["num_blocks"], None, p.decode_bytes(metadata) if metadata else None))
             elif kind == p.ERROR:
                 self._on_lost(f"rank {self.rank} failed:\n{msg['error']}")
-                return
 
     def terminate(self, grace: float) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()  # also ends a stopped (SIGSTOPped) rank
-                self.process.wait(timeout=5)
-        self.channel.close()
+        """Ends the process; the reader then sees EOF and closes the socket."""
+        with self._terminate_lock:
+            if self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()  # also ends a stopped (SIGSTOPped) rank
+                    self.process.wait(timeout=5)
+        self._reader.join(timeout=5)
 
 
 class TPModelRunner:
@@ -247,8 +257,10 @@ class TPModelRunner:
             except subprocess.TimeoutExpired:
                 pass
         self._terminate_ranks()
-        if not self._failed.is_set():
-            destroy_group()
+        try:
+            destroy_group()  # after a failure the other ranks are gone: nothing left to wait for
+        except Exception:  # noqa: BLE001 - a broken group may not tear down cleanly; the process moves on
+            log.warning("destroying the failed process group raised", exc_info=True)
 
     def _lost(self, reason: str) -> None:
         """A rank is gone or broken: fail everything waiting on the group, end the group."""
