@@ -44,7 +44,7 @@ def router_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     model = init_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama", "llama", "tiny")
     proc = subprocess.Popen(
-        [sys.executable, "-c", CLI, "up", "--model", str(model), "--port", str(free_port())],
+        [sys.executable, "-c", CLI, "up", "--model", str(model), "--port", str(free_port()), "--http-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,  # its own group: its workers can be cleaned up by this group id
     )

@@ -37,7 +37,7 @@ def deployment(redis, e2e_model_dir):
     cluster = Cluster(e2e_model_dir, control_plane=redis.url, worker_args=["--num-blocks", "512"])
     cluster.add_workers(("prefill", "prefill-a"), ("prefill", "prefill-b"), ("decode", "decode-0"))
     round_robin = Service(
-        "router", ["--model", str(e2e_model_dir), "--port", "0", "--metrics-port", "-1", "--control-plane", redis.url, "--policy", "round_robin"], cluster.env
+        "router", ["--model", str(e2e_model_dir), "--port", "0", "--http-port", "0", "--metrics-port", "-1", "--control-plane", redis.url, "--policy", "round_robin"], cluster.env
     )
     round_robin.wait_ready()
     yield cluster, round_robin
@@ -115,7 +115,7 @@ def _routed_to(prefills: dict[str, Service], address: str, prompt: list[int]) ->
 def test_two_router_replicas_make_the_same_choice(deployment, e2e_model_dir, redis):
     cluster, _ = deployment
     prefills = _prefills(cluster)
-    replica = Service("router", ["--model", str(e2e_model_dir), "--port", "0", "--metrics-port", "-1", "--control-plane", redis.url], cluster.env)
+    replica = Service("router", ["--model", str(e2e_model_dir), "--port", "0", "--http-port", "0", "--metrics-port", "-1", "--control-plane", redis.url], cluster.env)
     replica.wait_ready()
     try:
         for tag in (101, 102, 103):
@@ -134,7 +134,7 @@ def test_restarted_router_recovers_the_index_from_redis(deployment, e2e_model_di
     prefills = _prefills(cluster)
     prompt, holder = _prompt_held_by_the_tie_loser(prefills, 201)
     cluster.router.kill()
-    cluster.router = Service("router", ["--model", str(e2e_model_dir), "--port", "0", "--metrics-port", "-1", "--control-plane", redis.url], cluster.env)
+    cluster.router = Service("router", ["--model", str(e2e_model_dir), "--port", "0", "--http-port", "0", "--metrics-port", "-1", "--control-plane", redis.url], cluster.env)
     cluster.address = cluster.router.wait_ready()
     chosen, cached = _routed_to(prefills, cluster.address, prompt + [7])
     assert chosen == holder and cached >= 80
@@ -168,7 +168,7 @@ def test_redis_lost_mid_run_degrades_to_load_only_routing(deployment, redis):
 def test_redis_unavailable_at_start_is_a_clear_error(e2e_model_dir):
     url = "redis://127.0.0.1:1/0"
     result = subprocess.run(
-        [sys.executable, "-m", "splitserve.cli", "router", "--model", str(e2e_model_dir), "--port", "0", "--metrics-port", "-1", "--control-plane", url],
+        [sys.executable, "-m", "splitserve.cli", "router", "--model", str(e2e_model_dir), "--port", "0", "--http-port", "0", "--metrics-port", "-1", "--control-plane", url],
         capture_output=True,
         text=True,
         timeout=120,
