@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
@@ -64,8 +63,14 @@ def _add_router_security(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description="LLM serving with prefill and decode disaggregated")
-    parser.add_argument("--log-level", default="WARNING")
+    logs = argparse.ArgumentParser(add_help=False)
+    logs.add_argument("--log-level", default="WARNING")
+    logs.add_argument("--log-format", default="text", choices=("text", "json"), help="json: one object per line, with the request id")
     sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser
+
+    def add_service(name: str, **kwargs) -> argparse.ArgumentParser:
+        return add(name, parents=[logs], **kwargs)
 
     model = sub.add_parser("model", help="checkpoint tools").add_subparsers(dest="model_command", required=True)
     init = model.add_parser(
@@ -82,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--device", default="cpu", help="where to generate the random weights (cuda is faster for big presets)")
     init.add_argument("--overwrite", action="store_true")
 
-    up = sub.add_parser("up", help="router + one prefill + one decode worker on this machine")
+    up = add_service("up", help="router + one prefill + one decode worker on this machine")
     up.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: a random-weight demo model)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051)
@@ -95,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--tls-ca", type=Path, default=None,
                     help="CA that signed --tls-cert: the three processes then also speak mutual TLS to each other with that certificate")
 
-    router = sub.add_parser("router", help="the public gRPC front")
+    router = add_service("router", help="the public gRPC front")
     router.add_argument("--model", type=Path, required=True, help="checkpoint directory (for the tokenizer and limits)")
     _add_listen(router, 50051, 9090)
     router.add_argument("--control-plane", default="embedded", help="redis://... to share state between routers; embedded: in-process")
@@ -110,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--served-model-name", default=None, help="model name the APIs report and accept (default: the checkpoint folder's name)")
     _add_router_security(router)
 
-    _add_worker(sub.add_parser("prefill", help="a prefill worker"), 50061, 9091)
-    _add_worker(sub.add_parser("decode", help="a decode worker"), 50071, 9092)
+    _add_worker(add_service("prefill", help="a prefill worker"), 50061, 9091)
+    _add_worker(add_service("decode", help="a decode worker"), 50071, 9092)
 
     gen = sub.add_parser("generate", help="stream a completion from a running router")
     gen.add_argument("prompt")
@@ -137,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[2:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from splitserve.logs import configure
+
+    configure(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"), args.command)
     if args.command == "model":
         from splitserve.models.checkpoint_init import init_checkpoint
 

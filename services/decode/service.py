@@ -10,6 +10,7 @@ import grpc
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.scheduler import KVLoad, RemoteKV
 from splitserve.kvtransfer import KVTransferError, PeerDisconnectedError, TransferTimeoutError
+from splitserve.logs import request_id_var
 from splitserve.services.convert import (
     FINISH_TO_PROTO,
     sampling_params_from_proto,
@@ -46,6 +47,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     async def Decode(self, request: worker_pb.DecodeRequest, context):
         engine_request = request.request
         request_id = engine_request.request_id
+        request_id_var.set(request_id)
         try:
             params = sampling_params_from_proto(engine_request)
         except InvalidRequestError as e:

@@ -10,6 +10,7 @@ import grpc
 from splitserve.engine.engine import RequestOutput
 from splitserve.engine.errors import InvalidRequestError, QueueFullError
 from splitserve.kvtransfer import LeaseTable
+from splitserve.logs import request_id_var
 from splitserve.parallel import RankFailedError
 from splitserve.services.convert import sampling_params_from_proto, token_logprob_to_proto
 from splitserve.services.engine_loop import Finished
@@ -61,6 +62,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
     async def Prefill(self, request: worker_pb.PrefillRequest, context) -> worker_pb.PrefillResponse:
         engine_request = request.request
         request_id = engine_request.request_id
+        request_id_var.set(request_id)
         try:
             params = sampling_params_from_proto(engine_request)
         except InvalidRequestError as e:

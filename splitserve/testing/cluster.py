@@ -16,7 +16,7 @@ import grpc
 from splitserve.v1 import worker_pb2 as worker_pb
 from splitserve.v1 import worker_pb2_grpc
 
-READY = re.compile(r"splitserve (\w+) listening on (\S+)(?: \(metrics on :(\d+)\))?")
+READY = re.compile(r"splitserve (\w+) listening on (\S+)")
 HTTP_URL = re.compile(r"OpenAI-compatible HTTP API at (\S+?)[;)]")
 METRICS_PORT = re.compile(r"\(metrics on :(\d+)\)")
 START_TIMEOUT = 180.0
@@ -37,7 +37,6 @@ class Service:
         )
         self.lines: list[str] = []
         self.address: str | None = None
-        self.metrics_port: int | None = None
         self.http_url: str | None = None  # the router's OpenAI-compatible API, ".../v1"
         self.metrics_port: int | None = None
         self._ready = threading.Event()
@@ -121,7 +120,7 @@ class Cluster:
         """Starts workers in parallel; ``specs``: (role, worker_id). Waits until the router sees them."""
         started = []
         for role, worker_id in specs:
-            args = ["--model", str(self.model_dir), "--port", "0", "--metrics-port", "-1", "--worker-id", worker_id,
+            args = ["--model", str(self.model_dir), "--port", "0", "--metrics-port", "0", "--worker-id", worker_id,
                     "--control-plane", self.control_plane, "--drain-seconds", "5", *self.worker_args, *extra]
             started.append(Service(role, args, self.env, self.worker_credentials))
         for service in started:
