@@ -13,8 +13,6 @@ import threading
 import traceback
 from multiprocessing.connection import Connection
 
-import torch
-
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.kvtransfer import KVLayout, KVTransferAgent, KVTransferError
 from splitserve.kvtransfer.descriptors import HeadSlice
@@ -41,8 +39,6 @@ def main() -> None:
 
 def run_rank(spec: RankSpec, channel: p.Channel) -> None:
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s %(levelname)s rank{spec.rank} %(name)s: %(message)s")
-    if spec.options.rank_threads is not None:
-        torch.set_num_threads(spec.options.rank_threads)
     try:
         tp = init_group(spec)
         runner = ModelRunner(spec.model, spec.cache, tp)
@@ -73,9 +69,7 @@ def _follow(channel: p.Channel, runner: ModelRunner, transfers: TransferThread |
         msg = channel.recv()
         kind = msg["kind"]
         if kind == p.STEP:
-            runner.execute(p.decode_step(msg))
-            if runner.device.type == "cuda":
-                torch.cuda.synchronize(runner.device)  # a fault surfaces here, in this step, not later
+            runner.execute(p.decode_step(msg))  # on CUDA, queued: a fault surfaces at a later step or collective
             channel.send(p.STEP_DONE)
         elif kind == p.SHUTDOWN:
             if transfers is not None:
