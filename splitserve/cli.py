@@ -21,7 +21,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache budget on CPU")
+    p.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache budget (default: 256 on CPU; on CUDA --gpu-memory-utilization of what the weights leave)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--num-blocks", type=int, default=None, help="fixed number of KV blocks (overrides the budget)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -228,7 +229,8 @@ def _run_worker(args) -> int:
         model=ModelConfig(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len),
         cache=CacheConfig(
             block_size=args.block_size,
-            kv_cache_bytes=args.kv_cache_mb * 1024 * 1024,
+            kv_cache_bytes=_kv_cache_bytes(args),
+            gpu_memory_utilization=args.gpu_memory_utilization,
             num_blocks=args.num_blocks,
             enable_prefix_caching=not args.no_prefix_caching,
         ),
@@ -257,6 +259,12 @@ def _run_worker(args) -> int:
     except RankFailedError as e:  # the worker took itself down: health, registration and requests are settled
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _kv_cache_bytes(args) -> int | None:
+    if args.kv_cache_mb is not None:
+        return args.kv_cache_mb * 1024 * 1024
+    return None if args.device.startswith("cuda") else 256 * 1024 * 1024
 
 
 def _serve(coro) -> int:

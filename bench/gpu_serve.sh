@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Serving throughput on one GPU, colocated (router + one worker that prefills and decodes),
+# qwen3-0.6b shape, random weights, bf16: 500 random 512-token prompts, 128 output tokens,
+# rate inf (issue 7's serving target; vLLM's published figure on an H100 is 94.9 req/s).
+# Also the offline engine on the same workload in the same run, as the engine's own ceiling.
+# Run on the device machine from the repo root, with the wheels of .whl/ (see bench/README.md).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site NIXL_LOG_LEVEL=WARN PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -m splitserve.cli model init /tmp/qwen3 --arch qwen3 --preset qwen3-0.6b --device cuda --overwrite
+python3 -m splitserve.cli router --model /tmp/qwen3 --port 50051 --http-port 0 --metrics-port -1 \
+    --max-tokens-limit 4096 > "$OUT/router.log" 2>&1 &
+sleep 8
+python3 -m splitserve.cli decode --model /tmp/qwen3 --device cuda --port 50071 --metrics-port -1 \
+    --worker-id decode-0 --control-plane grpc://127.0.0.1:50051 \
+    --max-num-seqs 256 --max-num-batched-tokens 8192 > "$OUT/decode.log" 2>&1 &
+for i in $(seq 120); do grep -q "listening on" "$OUT/decode.log" && break; sleep 1; done
+grep "listening on" "$OUT/decode.log" || { tail -30 "$OUT/decode.log"; exit 1; }
+python3 -m splitserve.cli bench serve --target 127.0.0.1:50051 --dataset random --num-prompts 500 \
+    --input-len 512 --output-len 128 --request-rate inf --seed 0 --num-warmups 8 --disable-tqdm \
+    --out "$OUT/serve" --label qwen3-0.6b-colocated-h100 2>&1 | tee "$OUT/serve.log" | tail -45
+kill %1 %2 2>/dev/null; sleep 3
+python3 bench/offline_throughput.py --model /tmp/qwen3 --device cuda --dtype bfloat16 --batch-size 256 \
+    --num-prompts 500 --input-len 512 --output-len 128 --out "$OUT/offline.json" 2>&1 | tail -12 | tee "$OUT/offline.log"
