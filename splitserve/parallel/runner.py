@@ -224,7 +224,7 @@ class TPModelRunner:
                 handle.channel.send(p.STEP, **step)
             logits = self.local.execute(out)
         except Exception as e:
-            self._lost(f"step failed on rank 0: {type(e).__name__}: {e}")
+            self._lost(self._cause_of(e))
             raise self.error from e
         deadline = time.monotonic() + self.options.step_timeout_seconds
         for handle in self.ranks:
@@ -280,6 +280,17 @@ class TPModelRunner:
                 callback(self.error)
             except Exception:  # noqa: BLE001 - one bad callback must not hide the failure from the rest
                 log.exception("TP failure callback failed")
+
+    def _cause_of(self, error: Exception) -> str:
+        """Rank 0's collective failed: usually because a rank died, which is the better reason."""
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            for handle in self.ranks:
+                code = handle.process.poll()
+                if code is not None:
+                    return f"rank {handle.rank} exited (exit code {code}) during a step"
+            time.sleep(0.02)
+        return f"step failed on rank 0: {type(error).__name__}: {error}"
 
     def _end_group(self) -> None:
         abort_group()  # collectives of rank 0 stuck on the dead rank return with an error

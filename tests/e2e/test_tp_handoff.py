@@ -6,11 +6,14 @@ block must come back free on both sides.
 """
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from splitserve.client import Client
+from splitserve.controlplane import connect
 from splitserve.testing.cluster import wait_until
 
 pytestmark = pytest.mark.slow
@@ -29,6 +32,14 @@ def greedy(e2e_model_dir):
     return run
 
 
+def registered_tp_sizes(router_address: str) -> dict[str, int]:
+    async def read() -> dict[str, int]:
+        async with await connect(f"grpc://{router_address}", timeout_seconds=5.0) as control_plane:
+            return {w.info.worker_id: w.info.tp_size for w in await control_plane.live_workers()}
+
+    return asyncio.run(read())
+
+
 def _all_free(*services) -> bool:
     for service in services:
         s = service.stats()
@@ -42,6 +53,8 @@ def test_kv_moves_between_pools_of_different_tp_sizes(start_cluster, greedy, pre
     cluster = start_cluster(worker_args=["--num-blocks", "96", "--block-size", "16", "--dtype", "float32"])
     (prefill,) = cluster.add_workers(("prefill", f"prefill-tp{prefill_tp}"), extra=["--tp-size", str(prefill_tp)])
     (decode,) = cluster.add_workers(("decode", f"decode-tp{decode_tp}"), extra=["--tp-size", str(decode_tp)])
+    # Each pool's TP size is part of its registration.
+    assert registered_tp_sizes(cluster.address) == {f"prefill-tp{prefill_tp}": prefill_tp, f"decode-tp{decode_tp}": decode_tp}
     client = Client(cluster.address)
     for prompt in PROMPTS:
         result = client.complete(prompt, max_tokens=6, ignore_eos=True, timeout=120)
