@@ -19,6 +19,7 @@ class KVCacheManager:
         self.block_pool = block_pool
         self.block_size = block_size
         self.req_to_blocks: dict[str, list[Block]] = {}
+        self._block_ids: dict[str, list[int]] = {}  # the same, as ids: read every step
         self._num_cached_blocks: dict[str, int] = {}  # blocks already entered into the cache
         self.quarantined: dict[int, Block] = {}  # held back from reuse; see free()
 
@@ -63,6 +64,9 @@ class KVCacheManager:
         self.block_pool.touch(computed_blocks)
         new_blocks = self.block_pool.get_new_blocks(max(num_needed, 0))
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        ids = self._block_ids.setdefault(request.request_id, [])
+        ids.extend(b.block_id for b in computed_blocks)
+        ids.extend(b.block_id for b in new_blocks)
         blocks.extend(computed_blocks)
         blocks.extend(new_blocks)
         self._num_cached_blocks.setdefault(request.request_id, 0)
@@ -91,6 +95,7 @@ class KVCacheManager:
         transfer that missed its deadline may still write into them.
         """
         blocks = self.req_to_blocks.pop(request.request_id, None)
+        self._block_ids.pop(request.request_id, None)
         self._num_cached_blocks.pop(request.request_id, None)
         if blocks:
             for block in blocks:
@@ -103,7 +108,7 @@ class KVCacheManager:
         self.block_pool.free_blocks(self.quarantined.pop(i) for i in block_ids if i in self.quarantined)
 
     def get_block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_to_blocks.get(request_id, [])]
+        return list(self._block_ids.get(request_id, ()))
 
     @property
     def num_requests(self) -> int:

@@ -84,13 +84,13 @@ class ModelRunner:
             if s.sample:
                 sample_rows.append(query_start_loc[-1] - 1)
         pos = torch.tensor(positions, dtype=torch.long)
-        tables = [torch.tensor(t, dtype=torch.long) for t in block_tables]
-        slot_block = torch.cat([tables[i][pos[query_start_loc[i] : query_start_loc[i + 1]] // self.block_size] for i in range(len(tables))])
+        bs = self.block_size
+        slot_block = [s.block_ids[p // bs] for s in out.scheduled for p in range(s.start_pos, s.start_pos + len(s.token_ids))]
         meta = AttentionMetadata(
             query_start_loc=query_start_loc,
             context_lens=context_lens,
             block_tables=block_tables,
-            slot_block=slot_block.to(self.device),
+            slot_block=torch.tensor(slot_block, dtype=torch.long).to(self.device),
             slot_offset=(pos % self.block_size).to(self.device),
             block_size=self.block_size,
         )

@@ -32,7 +32,7 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler looks requests up in its queues every step
 class Request:
     """Progress is ``num_computed_tokens`` catching up to ``num_tokens``.
 

@@ -130,8 +130,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
 
+        preempted: set[str] = set()
         for request in list(self.running):
-            if request not in self.running:
+            if request.request_id in preempted:
                 continue  # preempted to make room for an earlier request this step
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if num_new <= 0:
@@ -139,6 +140,7 @@ class Scheduler:
             while self.kv.allocate_slots(request, num_new) is None:
                 victim = self.running[-1]
                 self._preempt(victim)
+                preempted.add(victim.request_id)
                 out.preempted_ids.append(victim.request_id)
                 scheduled.pop(victim.request_id, None)
                 if victim is request:
