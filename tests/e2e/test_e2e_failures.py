@@ -142,3 +142,25 @@ def test_sigterm_drains_in_flight_requests(start_cluster):
     result = asyncio.run(run())
     assert result.completion_tokens == 300
     assert decode.proc.wait(timeout=30) == 0
+
+
+def test_sigterm_on_prefill_stops_taking_work_and_lets_go_of_pinned_kv(start_cluster):
+    cluster = start_cluster(worker_args=["--lease-seconds", "120"])
+    prefill, second = cluster.add_workers(("prefill", "prefill-0"), ("prefill", "prefill-1"))
+    (decode,) = cluster.add_workers(("decode", "decode-0"))
+    decode.signal(signal.SIGSTOP)  # nobody will read what the prefill workers pin
+    stub = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(cluster.address))
+    calls = [stub.Generate(build_request([200 + i] + list(range(3, 60)), max_tokens=20, ignore_eos=True), timeout=90) for i in range(4)]
+    for call in calls:
+        next(call)  # the first token: prefill done, KV pinned
+    assert wait_until(lambda: prefill.stats().num_pinned_blocks > 0 or second.stats().num_pinned_blocks > 0)
+    pinned_on = [w for w in (prefill, second) if w.stats().num_pinned_blocks > 0][0]
+    start = time.monotonic()
+    pinned_on.signal(signal.SIGTERM)
+    # Drained well before the 120 s lease: it deregistered, gave up the unread KV and exited cleanly.
+    assert pinned_on.proc.wait(timeout=60) == 0 and time.monotonic() - start < 60
+    decode.signal(signal.SIGCONT)
+    # Requests whose KV went away are recomputed on the decode worker; new ones avoid the drained worker.
+    for call in calls:
+        assert sum(len(r.delta.token_ids) for r in call) == 19
+    assert Client(cluster.address).complete(list(range(3, 50)), max_tokens=3, ignore_eos=True, timeout=60).completion_tokens == 3
