@@ -8,7 +8,6 @@ from splitserve.engine.cuda_graphs import DecodeCUDAGraphs
 from splitserve.engine.scheduler import SchedulerOutput
 from splitserve.kernels.attention_metadata import AttentionMetadata, with_device_tensors
 from splitserve.kernels.backend import select_backend
-from splitserve.models.arch import ArchConfig
 from splitserve.models.layers import TPGroup
 from splitserve.models.loader import load_model
 

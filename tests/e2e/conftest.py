@@ -5,6 +5,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from splitserve.testing.cluster import Cluster
 
@@ -27,3 +28,17 @@ def start_cluster(e2e_model_dir) -> Callable[..., Cluster]:
     yield start
     for cluster in clusters:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def greedy(e2e_model_dir) -> Callable[[list[int], int], list[int]]:
+    """transformers' greedy continuation on the e2e checkpoint, in fp32: the reference for token-exact checks."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(e2e_model_dir, dtype=torch.float32).eval()
+
+    def run(prompt: list[int], max_tokens: int) -> list[int]:
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[0, len(prompt) :].tolist()
+
+    return run

@@ -5,27 +5,12 @@ Every test ends by checking that no KV block is leaked on either side.
 from __future__ import annotations
 
 import signal
-import threading
 
 import grpc
-import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from splitserve.client import Client, build_request
 from splitserve.testing.cluster import wait_until
 from splitserve.v1 import generation_pb2_grpc
-
-
-@pytest.fixture(scope="module")
-def greedy(e2e_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(e2e_model_dir, dtype=torch.float32).eval()
-
-    def run(prompt: list[int], max_tokens: int) -> list[int]:
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-        return out[0, len(prompt) :].tolist()
-
-    return run
 
 
 def _all_free(*services) -> bool:

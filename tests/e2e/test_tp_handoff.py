@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from splitserve.client import Client
 from splitserve.controlplane import connect
@@ -19,17 +17,6 @@ from splitserve.testing.cluster import wait_until
 pytestmark = pytest.mark.slow
 
 PROMPTS = [list(range(3, 3 + 70)), list(range(200, 237)), [5, 9, 11]]
-
-
-@pytest.fixture(scope="module")
-def greedy(e2e_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(e2e_model_dir, dtype=torch.float32).eval()
-
-    def run(prompt: list[int], max_tokens: int) -> list[int]:
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-        return out[0, len(prompt) :].tolist()
-
-    return run
 
 
 def registered_tp_sizes(router_address: str) -> dict[str, int]:
