@@ -5,8 +5,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from splitserve.engine.prefix_hash import BlockHash, hash_block_tokens
 from splitserve.engine.sampling_params import SamplingParams
 
@@ -54,13 +52,9 @@ class Request:
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
     finish_reason: FinishReason | None = field(default=None, init=False)
     block_hashes: list[BlockHash] = field(default_factory=list, init=False)
-    generator: torch.Generator | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
-        if self.sampling_params.seed is not None:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(self.sampling_params.seed)
 
     @property
     def num_tokens(self) -> int:

@@ -5,6 +5,7 @@ before penalties and temperature), as vLLM and the OpenAI API report them.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -81,5 +82,16 @@ class Sampler:
             return int(logits.argmax())
         logits = _truncate(logits / params.temperature, params.top_k, params.top_p, params.min_p)
         probs = logits.softmax(-1).cpu()
-        generator = request.generator or self.generator
-        return int(torch.multinomial(probs, 1, generator=generator))
+        return int(torch.multinomial(probs, 1, generator=self._generator_for(request)))
+
+    def _generator_for(self, request: Request) -> torch.Generator:
+        """A seeded request draws from a generator keyed by (seed, output position), not by
+        history: the same seed gives the same tokens whether the request ran on one engine,
+        was preempted and recomputed, or had its first token sampled on a prefill worker."""
+        seed = request.sampling_params.seed
+        if seed is None:
+            return self.generator
+        key = hashlib.blake2b(f"{seed}:{request.num_output_tokens}".encode(), digest_size=8).digest()
+        generator = torch.Generator()
+        generator.manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+        return generator

@@ -203,3 +203,16 @@ def test_structured_logs_carry_the_request_id(cluster):
     mine = [r for r in records if r["request_id"] == "req-logged-42"]
     assert any("prefill on" in r["message"] for r in mine) and any("decode on" in r["message"] for r in mine)
     assert all(r["role"] == "router" for r in mine)
+
+
+def test_seeded_sampling_through_prefill_and_decode_matches_one_engine(cluster, e2e_model_dir):
+    from splitserve import LLM, SamplingParams
+    from splitserve.config import CacheConfig
+
+    prompt = [3 + (11 * i) % 700 for i in range(40)]
+    served = Client(cluster.address).complete(prompt, max_tokens=12, temperature=0.8, top_p=0.95, seed=4242, ignore_eos=True, timeout=60)
+    offline = LLM(e2e_model_dir, cache=CacheConfig(num_blocks=64)).generate(
+        [prompt], SamplingParams(max_tokens=12, temperature=0.8, top_p=0.95, seed=4242, ignore_eos=True)
+    )[0]
+    assert served.token_ids == offline.token_ids  # first token sampled on the prefill worker, the rest on decode
+    assert len(set(served.token_ids)) > 3

@@ -25,7 +25,13 @@ def request(params: SamplingParams, prompt=(1, 2, 3), output=(), eos=frozenset()
 
 
 def draws(sampler: Sampler, logits: torch.Tensor, r: Request, n: int) -> list[int]:
-    return [sampler(logits.unsqueeze(0), [r])[0][0] for _ in range(n)]
+    """``n`` consecutive tokens of one request (a seeded request's draws are keyed by position)."""
+    tokens = []
+    for _ in range(n):
+        token = sampler(logits.unsqueeze(0), [r])[0][0]
+        r.append_output(token)
+        tokens.append(token)
+    return tokens
 
 
 @pytest.fixture
