@@ -84,7 +84,7 @@ async def serve_router(config: RouterConfig) -> None:
         prefill_threshold=config.prefill_threshold,
         max_inflight=config.max_inflight,
     )
-    workers = WorkerDirectory(control_plane, security=router_to_workers(config.tls))
+    workers = WorkerDirectory(control_plane, config.block_size, security=router_to_workers(config.tls))
     service = GenerationService(settings, tokenizer, workers, make_policy(config.policy), metrics)
     host = ServiceHost(["splitserve.v1.Generation", "splitserve.v1.ControlPlane"], metrics.registry)
     # With API keys, every call to these services needs one; health and reflection stay open for probes.

@@ -139,6 +139,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             num_prompt = len(prepared.engine_request.prompt_token_ids)
             decision = self.policy.pick_prefill(block_hashes, candidates, matches, num_prompt)
             log.info("prefill on %s (%s, %d cached tokens expected)", decision.worker_id, decision.reason, decision.num_cached_tokens)
+            self.metrics.routing.labels("prefill", decision.policy, decision.reason).inc()
             try:
                 with self.workers.index.track(decision.worker_id, block_hashes, num_prompt - decision.num_cached_tokens):
                     response = await self.workers.prefill_stub(decision.address).Prefill(request, timeout=self._timeout(deadline))
@@ -205,6 +206,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         num_blocks = -(-(len(prepared.engine_request.prompt_token_ids) + 1) // self.settings.block_size)
         decision = self.policy.pick_decode(candidates, num_blocks, prepared.engine_request.request_id.encode())
         log.info("decode on %s (%s)", decision.worker_id, decision.reason)
+        self.metrics.routing.labels("decode", decision.policy, decision.reason).inc()
         call = self.workers.decode_stub(decision.address).Decode(decode_request, timeout=self._timeout(deadline))
         finish = gen_pb.FINISH_REASON_UNSPECIFIED
         last = time.perf_counter()

@@ -22,8 +22,13 @@ class WorkerDirectory:
     when the router has a client certificate) to the workers; None dials them in plaintext.
     """
 
-    def __init__(self, control_plane: ControlPlane, cooldown_seconds: float = 5.0, security: ChannelSecurity | None = None) -> None:
+    def __init__(
+        self, control_plane: ControlPlane, block_size: int, cooldown_seconds: float = 5.0, security: ChannelSecurity | None = None
+    ) -> None:
+        """``block_size``: what this router hashes prompts with; workers of another block size are not used."""
         self.control_plane = control_plane
+        self.block_size = block_size
+        self._mismatched: set[str] = set()
         # Worker list and block index, with this router's in-flight requests and a load-only fallback.
         self.index = RouterIndex(control_plane)
         self.cooldown_seconds = cooldown_seconds
@@ -33,8 +38,19 @@ class WorkerDirectory:
 
     async def live(self, role: str) -> list[LiveWorker]:
         now = time.monotonic()
-        workers = await self.index.candidates(role)
+        workers = [w for w in await self.index.candidates(role) if self._same_block_size(w)]
         return [w for w in workers if now - self._failed_at.get(w.info.worker_id, -1e9) > self.cooldown_seconds]
+
+    def _same_block_size(self, worker: LiveWorker) -> bool:
+        if worker.info.block_size == self.block_size:
+            return True
+        if worker.info.worker_id not in self._mismatched:  # say it once per worker
+            self._mismatched.add(worker.info.worker_id)
+            log.warning(
+                "not routing to %s: its block_size %d differs from the router's %d (prefix hashes would not match)",
+                worker.info.worker_id, worker.info.block_size, self.block_size,
+            )
+        return False
 
     async def match_prefix(self, block_hashes: list[bytes], workers: list[LiveWorker]) -> dict[str, int] | None:
         """Prefix matches, or None when the index is unreachable (the policy then routes by load)."""

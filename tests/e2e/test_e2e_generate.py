@@ -188,6 +188,7 @@ def test_metrics_on_every_service(cluster):
     texts = {s.role: urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10).read().decode() for s in services}
     assert "splitserve_time_to_first_token_seconds_count" in texts["router"]
     assert 'splitserve_requests_total{outcome="ok",role="router"}' in texts["router"]
+    assert 'splitserve_routing_decisions_total{policy="prefix_aware",reason=' in texts["router"]
     for role in ("prefill", "decode"):
         assert f'splitserve_kv_blocks_free{{role="{role}"}}' in texts[role]
         assert "splitserve_waiting_requests" in texts[role]

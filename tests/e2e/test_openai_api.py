@@ -284,7 +284,7 @@ def _app(model_dir: Path, *, chat_template: bool = True, max_inflight: int = 8):
     limits = ModelLimits(vocab_size=len(tokenizer), max_model_len=512, max_tokens_limit=64, default_max_tokens=16)
     settings = RouterSettings(model_name="m", architecture="llama", limits=limits, block_size=16, eos_token_ids=(), max_inflight=max_inflight)
     metrics = ServiceMetrics("router")
-    service = GenerationService(settings, tokenizer, WorkerDirectory(MemoryControlPlane()), make_policy("round_robin"), metrics)
+    service = GenerationService(settings, tokenizer, WorkerDirectory(MemoryControlPlane(), block_size=16), make_policy("round_robin"), metrics)
     return build_app(service, None, lambda: True), metrics
 
 
