@@ -7,20 +7,13 @@ import time
 
 import grpc
 
-from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.scheduler import KVLoad, RemoteKV
 from splitserve.kvtransfer import KVTransferError, PeerDisconnectedError, TransferTimeoutError
-from splitserve.logs import request_id_var
-from splitserve.services.convert import (
-    FINISH_TO_PROTO,
-    sampling_params_from_proto,
-    token_logprob_from_proto,
-    token_logprob_to_proto,
-)
-from splitserve.services.prefill.service import next_output, run_engine_request
-from splitserve.services.security import ChannelSecurity, dial
 from splitserve.parallel import RankFailedError
+from splitserve.services.convert import FINISH_TO_PROTO, token_logprob_from_proto, token_logprob_to_proto
+from splitserve.services.security import ChannelSecurity, dial
 from splitserve.services.worker import WorkerRuntime, peer_from_proto
+from splitserve.services.worker_calls import accept, next_output, run_engine_request
 from splitserve.v1 import worker_pb2 as worker_pb
 from splitserve.v1 import worker_pb2_grpc
 
@@ -45,14 +38,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.runtime.spawn(self._reclaim())
 
     async def Decode(self, request: worker_pb.DecodeRequest, context):
-        engine_request = request.request
-        request_id = engine_request.request_id
-        request_id_var.set(request_id)
-        try:
-            params = sampling_params_from_proto(engine_request)
-        except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        prompt = list(engine_request.prompt_token_ids)
+        request_id, prompt, params = await accept(request.request, context)
         loop = self.runtime.loop
         kv = request.kv if request.HasField("kv") else None
         if kv is not None:

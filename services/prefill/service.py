@@ -5,48 +5,18 @@ import asyncio
 import dataclasses
 import logging
 
-import grpc
 
 from splitserve.engine.engine import RequestOutput
-from splitserve.engine.errors import InvalidRequestError, QueueFullError
 from splitserve.kvtransfer import LeaseTable
-from splitserve.logs import request_id_var
-from splitserve.parallel import RankFailedError
-from splitserve.services.convert import sampling_params_from_proto, token_logprob_to_proto
+from splitserve.services.convert import token_logprob_to_proto
 from splitserve.services.engine_loop import Finished
 from splitserve.services.worker import WorkerRuntime
+from splitserve.services.worker_calls import accept, next_output, run_engine_request
 from splitserve.v1 import generation_pb2 as gen_pb
 from splitserve.v1 import worker_pb2 as worker_pb
 from splitserve.v1 import worker_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-async def run_engine_request(runtime: WorkerRuntime, context, submit):
-    """Submits through ``submit()`` and maps engine errors to gRPC statuses; returns the stream."""
-    try:
-        return submit()
-    except InvalidRequestError as e:
-        runtime.metrics.error("invalid_argument")
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    except QueueFullError as e:
-        runtime.metrics.error("queue_full")
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-    except RuntimeError as e:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-
-
-async def next_output(stream: asyncio.Queue, context):
-    item = await stream.get()
-    if isinstance(item, InvalidRequestError):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
-    if isinstance(item, QueueFullError):
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(item))
-    if isinstance(item, RankFailedError):  # the worker is going down; another one can serve the request
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(item))
-    if isinstance(item, BaseException):
-        await context.abort(grpc.StatusCode.INTERNAL, f"engine failed: {item}")
-    return item
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
@@ -60,16 +30,9 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.runtime.spawn(self._watch_notifications())
 
     async def Prefill(self, request: worker_pb.PrefillRequest, context) -> worker_pb.PrefillResponse:
-        engine_request = request.request
-        request_id = engine_request.request_id
-        request_id_var.set(request_id)
-        try:
-            params = sampling_params_from_proto(engine_request)
-        except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        request_id, prompt, params = await accept(request.request, context)
         # Only the first token is sampled here; the decode worker samples the rest.
         first_params = dataclasses.replace(params, max_tokens=1)
-        prompt = list(engine_request.prompt_token_ids)
         loop = self.runtime.loop
         stream = await run_engine_request(
             self.runtime, context, lambda: loop.submit(request_id, prompt, first_params, hold_kv=True)
