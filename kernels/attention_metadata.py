@@ -40,10 +40,6 @@ class AttentionMetadata:
     def num_requests(self) -> int:
         return len(self.context_lens)
 
-    @property
-    def is_decode_only(self) -> bool:
-        return all(self.query_start_loc[i + 1] - self.query_start_loc[i] == 1 for i in range(self.num_requests))
-
 
 def block_table_array(block_tables: list[list[int]], width: int | None = None) -> np.ndarray:
     """The ragged block tables as one [num_requests, width] int32 array, zero-padded."""

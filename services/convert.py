@@ -12,7 +12,6 @@ FINISH_TO_PROTO = {
     FinishReason.LENGTH: gen_pb.FINISH_REASON_LENGTH,
     FinishReason.ABORT: gen_pb.FINISH_REASON_ABORT,
 }
-FINISH_FROM_PROTO = {v: k for k, v in FINISH_TO_PROTO.items()}
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty")
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,7 +25,6 @@ class ServiceHost:
         self.service_names = service_names
         reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.registry = registry
-        self.stopped = asyncio.Event()
 
     def bind(self, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
         port = self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
@@ -53,9 +51,3 @@ class ServiceHost:
         """Stops taking new calls (health turns NOT_SERVING), lets in-flight ones finish within ``grace``."""
         await self.set_serving(False)
         await self.server.stop(grace)
-        self.stopped.set()
-
-    def stop_on_signals(self, grace: float) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop(grace)))

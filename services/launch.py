@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from dataclasses import dataclass
@@ -138,7 +139,7 @@ async def serve_worker(config: WorkerConfig, listen: Listen, tls: TLSConfig | No
     host = ServiceHost([name], metrics.registry)
     port = host.bind(f"{listen.host}:{listen.port}", tls.server_credentials(verify_clients=True) if tls else None)
     if config.address.endswith(":0"):  # advertise the port actually bound
-        config = _with_address(config, f"{config.address.rsplit(':', 1)[0]}:{port}")
+        config = dataclasses.replace(config, address=f"{config.address.rsplit(':', 1)[0]}:{port}")
     runtime = await asyncio.to_thread(WorkerRuntime, config, control_plane, metrics)
     if config.role == "prefill":
         service = PrefillService(runtime)
@@ -202,8 +203,3 @@ async def _take_down(config: WorkerConfig, runtime: WorkerRuntime, host: Service
     await runtime.stop()
     raise error
 
-
-def _with_address(config: WorkerConfig, address: str) -> WorkerConfig:
-    from dataclasses import replace
-
-    return replace(config, address=address)
