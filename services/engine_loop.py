@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ class EngineStats:
     num_preemptions: int = 0
     num_tokens_in_flight: int = 0  # accepted prompt tokens not computed yet
 
+
+STATS_INTERVAL = 0.05  # seconds
 
 _END = object()  # in a step's deliveries: the request's stream is done
 
@@ -67,6 +70,7 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.stats = EngineStats(num_total_blocks=engine.block_pool.num_blocks, num_free_blocks=engine.block_pool.num_free_blocks)
+        self._stats_at = 0.0
         self.error: BaseException | None = None
         self.num_finished = 0
 
@@ -154,7 +158,7 @@ class EngineLoop:
                 events = self.engine.block_pool.drain_kv_events()
                 if events and self.on_kv_events is not None:
                     self._loop.call_soon_threadsafe(self.on_kv_events, events)
-                self._publish_stats()
+                self._publish_stats(force=False)
         except BaseException as exc:  # the engine is broken: fail every stream, loudly
             log.exception("engine loop failed")
             self.error = exc
@@ -173,7 +177,7 @@ class EngineLoop:
                 if request_id not in self._streams:
                     continue  # aborted before it was added
                 try:
-                    self.engine.add_request(request_id, prompt, params, remote_kv=remote_kv, first_token=first_token, hold_kv=hold_kv)
+                    self.engine.enqueue(request_id, prompt, params, remote_kv=remote_kv, first_token=first_token, hold_kv=hold_kv)
                 except (InvalidRequestError, QueueFullError) as exc:
                     self._send(request_id, exc)
             elif kind == "abort":
@@ -213,7 +217,13 @@ class EngineLoop:
         if stream is not None:
             self._loop.call_soon_threadsafe(stream.put_nowait, item)
 
-    def _publish_stats(self) -> None:
+    def _publish_stats(self, force: bool = True) -> None:
+        """Readers (heartbeats, metrics, GetStats) look a few times a second: between busy
+        steps, refresh at most every STATS_INTERVAL rather than walking every request each step."""
+        now = time.monotonic()
+        if not force and now - self._stats_at < STATS_INTERVAL:
+            return
+        self._stats_at = now
         s, pool = self.engine.scheduler, self.engine.block_pool
         self.stats = EngineStats(
             num_waiting=len(s.waiting),

@@ -99,6 +99,20 @@ class LLMEngine:
         ``hold_kv``: when the request finishes, keep its blocks until ``release``.
         """
         self.validate(prompt_token_ids, params)
+        return self.enqueue(request_id, prompt_token_ids, params, remote_kv=remote_kv, first_token=first_token, hold_kv=hold_kv)
+
+    def enqueue(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        remote_kv: RemoteKV | None = None,
+        first_token: TokenLogprob | None = None,
+        hold_kv: bool = False,
+    ) -> Request:
+        """``add_request`` for a request already ``validate``d (the services validate on their
+        event loop, then enqueue on the engine thread): only the checks that depend on load."""
         if request_id in self.scheduler.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
         if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:
