@@ -41,8 +41,6 @@ class EngineStats:
 
 STATS_INTERVAL = 0.05  # seconds
 
-_END = object()  # in a step's deliveries: the request's stream is done
-
 
 @dataclass(frozen=True)
 class Finished:
@@ -150,11 +148,8 @@ class EngineLoop:
                 result = self.engine.step()
                 for load in result.kv_loads:
                     self._start_kv_load(load)
-                deliveries: list[tuple[str, object]] = []
                 for out in result.outputs:
-                    self._deliver(out, deliveries)
-                if deliveries:  # one hop to the event loop per step, not one per request
-                    self._loop.call_soon_threadsafe(self._dispatch, deliveries)
+                    self._deliver(out)
                 events = self.engine.block_pool.drain_kv_events()
                 if events and self.on_kv_events is not None:
                     self._loop.call_soon_threadsafe(self.on_kv_events, events)
@@ -193,24 +188,14 @@ class EngineLoop:
             return
         asyncio.run_coroutine_threadsafe(self.on_kv_load(load), self._loop)
 
-    def _deliver(self, out: RequestOutput, deliveries: list[tuple[str, object]]) -> None:
-        deliveries.append((out.request_id, out))
+    def _deliver(self, out: RequestOutput) -> None:
+        self._send(out.request_id, out)
         if out.finished:
             held = self.engine.scheduler.held.get(out.request_id)
             if held is not None:
-                deliveries.append((out.request_id, Finished(self.engine.get_block_ids(out.request_id))))
+                self._send(out.request_id, Finished(self.engine.get_block_ids(out.request_id)))
             self.num_finished += 1
-            deliveries.append((out.request_id, _END))
-
-    def _dispatch(self, deliveries: list[tuple[str, object]]) -> None:
-        """On the event loop: hands one step's outputs to their streams."""
-        for request_id, item in deliveries:
-            if item is _END:
-                self._streams.pop(request_id, None)
-                continue
-            stream = self._streams.get(request_id)
-            if stream is not None:
-                stream.put_nowait(item)
+            self._loop.call_soon_threadsafe(self._streams.pop, out.request_id, None)
 
     def _send(self, request_id: str, item: object) -> None:
         stream = self._streams.get(request_id)

@@ -64,19 +64,14 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         last = time.perf_counter()
         try:
             while not finished:
-                outs = [await next_output(stream, context)]
-                # Under load the stream may hold several steps' tokens: send them in one message.
-                while not outs[-1].finished and not stream.empty():
-                    outs.append(await next_output(stream, context))
+                out = await next_output(stream, context)
                 now = time.perf_counter()
                 self.runtime.metrics.itl.labels("decode").observe(now - last)
                 last = now
-                out = outs[-1]
                 finished = out.finished
                 tokens = [
-                    token_logprob_to_proto(t, o.new_logprobs[i] if i < len(o.new_logprobs) else None)
-                    for o in outs
-                    for i, t in enumerate(o.new_token_ids)
+                    token_logprob_to_proto(t, out.new_logprobs[i] if i < len(out.new_logprobs) else None)
+                    for i, t in enumerate(out.new_token_ids)
                 ]
                 yield worker_pb.DecodeResponse(
                     tokens=tokens,
