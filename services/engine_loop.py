@@ -11,7 +11,6 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -37,9 +36,6 @@ class EngineStats:
     num_prefix_hit_tokens: int = 0
     num_preemptions: int = 0
     num_tokens_in_flight: int = 0  # accepted prompt tokens not computed yet
-
-
-STATS_INTERVAL = 0.05  # seconds
 
 
 @dataclass(frozen=True)
@@ -68,7 +64,6 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.stats = EngineStats(num_total_blocks=engine.block_pool.num_blocks, num_free_blocks=engine.block_pool.num_free_blocks)
-        self._stats_at = 0.0
         self.error: BaseException | None = None
         self.num_finished = 0
 
@@ -153,7 +148,7 @@ class EngineLoop:
                 events = self.engine.block_pool.drain_kv_events()
                 if events and self.on_kv_events is not None:
                     self._loop.call_soon_threadsafe(self.on_kv_events, events)
-                self._publish_stats(force=False)
+                self._publish_stats()
         except BaseException as exc:  # the engine is broken: fail every stream, loudly
             log.exception("engine loop failed")
             self.error = exc
@@ -202,13 +197,7 @@ class EngineLoop:
         if stream is not None:
             self._loop.call_soon_threadsafe(stream.put_nowait, item)
 
-    def _publish_stats(self, force: bool = True) -> None:
-        """Readers (heartbeats, metrics, GetStats) look a few times a second: between busy
-        steps, refresh at most every STATS_INTERVAL rather than walking every request each step."""
-        now = time.monotonic()
-        if not force and now - self._stats_at < STATS_INTERVAL:
-            return
-        self._stats_at = now
+    def _publish_stats(self) -> None:
         s, pool = self.engine.scheduler, self.engine.block_pool
         self.stats = EngineStats(
             num_waiting=len(s.waiting),
