@@ -133,6 +133,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            self.engine.runner.bind_thread()
             while not self._stopping:
                 self._apply_commands()
                 if not self.engine.has_unfinished:

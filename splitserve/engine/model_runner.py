@@ -24,6 +24,7 @@ class ModelRunner:
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, tp: TPGroup = TPGroup()) -> None:
         self.device = torch.device(model_config.device)
+        self.bind_thread()
         self.block_size = cache_config.block_size
         arch_max_len = self._peek_max_len(model_config)
         self.max_model_len = model_config.max_model_len or arch_max_len
@@ -40,6 +41,13 @@ class ModelRunner:
         if self.device.type == "cuda" and self.backend.needs_device_tensors:
             self.model.use_gpu_kernels()
             self.graphs = DecodeCUDAGraphs(self.model, self.kv_cache, self.backend, self.block_size, self.max_model_len)
+
+    def bind_thread(self) -> None:
+        """Makes this runner's GPU the calling thread's current device (CUDA keeps one per
+        thread): Triton kernels and graph capture launch on the current device, so a worker
+        on ``cuda:1`` must say so in every thread that runs the model."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
     @staticmethod
     def _peek_max_len(model_config: ModelConfig) -> int:

@@ -215,6 +215,9 @@ class TPModelRunner:
     kv_block_shape = property(lambda self: self.local.kv_block_shape)
     model = property(lambda self: self.local.model)
 
+    def bind_thread(self) -> None:
+        self.local.bind_thread()
+
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
         """Runs one step on every rank; returns rank 0's logits (gathered over the vocabulary)."""
         self._raise_if_failed()

@@ -116,12 +116,14 @@ class Cluster:
         self.control_plane = control_plane or f"{'grpcs' if router_tls else 'grpc'}://{self.address}"
         self.workers: list[Service] = []
 
-    def add_workers(self, *specs: tuple[str, str], extra: list[str] = ()) -> list[Service]:
-        """Starts workers in parallel; ``specs``: (role, worker_id). Waits until the router sees them."""
+    def add_workers(self, *specs: tuple[str, str] | tuple[str, str, list[str]], extra: list[str] = ()) -> list[Service]:
+        """Starts workers in parallel; ``specs``: (role, worker_id), or (role, worker_id, that
+        worker's own arguments, e.g. its --device). Waits until the router sees them."""
         started = []
-        for role, worker_id in specs:
+        for role, worker_id, *own in specs:
             args = ["--model", str(self.model_dir), "--port", "0", "--metrics-port", "0", "--worker-id", worker_id,
-                    "--control-plane", self.control_plane, "--drain-seconds", "5", *self.worker_args, *extra]
+                    "--control-plane", self.control_plane, "--drain-seconds", "5", *self.worker_args, *extra,
+                    *(own[0] if own else ())]
             started.append(Service(role, args, self.env, self.worker_credentials))
         for service in started:
             service.wait_ready()
