@@ -46,7 +46,7 @@ class ModelRunner:
         """Makes this runner's GPU the calling thread's current device (CUDA keeps one per
         thread): Triton kernels and graph capture launch on the current device, so a worker
         on ``cuda:1`` must say so in every thread that runs the model."""
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.device.index is not None:  # plain "cuda": the current one
             torch.cuda.set_device(self.device)
 
     @staticmethod
