@@ -9,3 +9,5 @@ MODEL=/dev/shm/llama8b
 timeout ${BENCH_TIMEOUT:-520} python3 bench/disagg.py --model $MODEL --devices cuda:0 cuda:1 --setups "$1" \
     --worker-args "--max-num-seqs 256 --max-num-batched-tokens ${BUDGET:-8192} --max-model-len 8192" \
     --budget-s ${BUDGET_S:-430} --out "$OUT/disagg" ${@:2} 2>&1 | tee "$OUT/disagg.log"
+# The device tool returns only a few files per call: pack the run into one.
+(cd "$OUT" && tar czf disagg.tgz disagg && rm -rf disagg)

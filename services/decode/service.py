@@ -64,14 +64,20 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         last = time.perf_counter()
         try:
             while not finished:
-                out = await next_output(stream, context)
+                outs = [await next_output(stream, context)]
+                # Tokens of several steps wait here when the router reads slower than the engine
+                # makes them: send them in one message, so the cost per token falls under load.
+                while not outs[-1].finished and not stream.empty():
+                    outs.append(await next_output(stream, context))
                 now = time.perf_counter()
                 self.runtime.metrics.itl.labels("decode").observe(now - last)
                 last = now
+                out = outs[-1]
                 finished = out.finished
                 tokens = [
-                    token_logprob_to_proto(t, out.new_logprobs[i] if i < len(out.new_logprobs) else None)
-                    for i, t in enumerate(out.new_token_ids)
+                    token_logprob_to_proto(t, o.new_logprobs[i] if i < len(o.new_logprobs) else None)
+                    for o in outs
+                    for i, t in enumerate(o.new_token_ids)
                 ]
                 yield worker_pb.DecodeResponse(
                     tokens=tokens,

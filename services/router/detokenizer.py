@@ -27,20 +27,35 @@ class IncrementalDetokenizer:
         self.text = ""  # all output text decoded so far
         self.emitted = 0  # characters of ``text`` already sent
         self.matched_stop: str | None = None
+        self.matched_at: int | None = None  # see add()
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_ids: list[int]) -> str:
-        """Takes new tokens; returns the text that may be sent now (possibly empty)."""
-        for token_id in token_ids:
+        """Takes new tokens; returns the text that may be sent now (possibly empty).
+
+        When a stop string completes, the tokens after the one that completed it are not
+        taken: ``matched_at`` then says how many of ``token_ids`` were (None otherwise).
+        """
+        self.matched_at = None
+        released = []
+        for i, token_id in enumerate(token_ids):
             self.token_ids.append(token_id)
             prefix = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
             full = self._decode(self.token_ids[self.prefix_offset :])
             if len(full) > len(prefix) and not full.endswith(REPLACEMENT):
                 self.text += full[len(prefix) :]
                 self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-        return self._releasable()
+                if self.stop and i < len(token_ids) - 1:  # the last token's text is checked below
+                    released.append(self._releasable())
+                    if self.matched_stop is not None:
+                        self.matched_at = i + 1
+                        return "".join(released)
+        released.append(self._releasable())
+        if self.matched_stop is not None and token_ids:
+            self.matched_at = len(token_ids)
+        return "".join(released)
 
     def _releasable(self) -> str:
         if self.matched_stop is not None:

@@ -55,6 +55,16 @@ class RouterSettings:
     max_inflight: int = 1024
 
 
+@dataclass
+class DecodeProgress:
+    """What one decode stream has delivered so far, as ``_decode`` leaves it."""
+
+    num_tokens: int  # output tokens sent to the client, the prefill worker's first one included
+    num_cached: int  # prompt tokens served from a prefix cache
+    finish: int = gen_pb.FINISH_REASON_UNSPECIFIED
+    taken: bool = False  # the decode worker answered: the prefill worker's KV is no longer the router's to release
+
+
 class GenerationService(generation_pb2_grpc.GenerationServicer):
     def __init__(
         self, settings: RouterSettings, tokenizer: PreTrainedTokenizerBase, workers: WorkerDirectory, policy: RoutingPolicy, metrics: ServiceMetrics
@@ -182,24 +192,23 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 decode_request = worker_pb.DecodeRequest(
                     request=engine_request, first_token=response.first_token, kv=response.kv, num_cached_tokens=num_cached
                 )
-            async for message in self._decode(decode_request, prepared, detok, deadline, start, num_tokens == 0):
-                if isinstance(message, tuple):
-                    added, finish, cached = message
-                    num_tokens += added
-                    num_cached = max(num_cached, cached)
-                    released = True
-                else:
+            progress = DecodeProgress(num_tokens, num_cached)
+            try:
+                async for message in self._decode(decode_request, prepared, detok, deadline, start, progress):
                     yield message
-            for message in self._finish(engine_request, prompt, num_tokens, num_cached, finish, detok):
+            finally:
+                released = released or progress.taken
+            for message in self._finish(engine_request, prompt, progress.num_tokens, progress.num_cached, progress.finish, detok):
                 yield message
         finally:
             if not released and prefill is not None:
                 # Decode never took the KV (it failed, or the client left): unpin it now, not at lease expiry.
                 asyncio.ensure_future(self._release(prefill[1], engine_request.request_id))
 
-    async def _decode(self, decode_request, prepared, detok, deadline, start, first_from_decode):
-        """Yields Delta responses, and (num_tokens, finish, num_cached) tuples as bookkeeping."""
+    async def _decode(self, decode_request, prepared, detok, deadline, start, progress: DecodeProgress):
+        """Streams the decode worker's tokens as Delta responses, keeping ``progress`` current."""
         with_logprobs = prepared.engine_request.logprobs or prepared.engine_request.top_logprobs > 0
+        first_from_decode = progress.num_tokens == 0
         candidates = await self.workers.live("decode")
         if not candidates:
             raise GenerateError(grpc.StatusCode.UNAVAILABLE, "no decode worker is available")
@@ -208,7 +217,6 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         log.info("decode on %s (%s)", decision.worker_id, decision.reason)
         self.metrics.routing.labels("decode", decision.policy, decision.reason).inc()
         call = self.workers.decode_stub(decision.address).Decode(decode_request, timeout=self._timeout(deadline))
-        finish = gen_pb.FINISH_REASON_UNSPECIFIED
         last = time.perf_counter()
         tracked = self.workers.index.track(decision.worker_id, num_blocks=num_blocks)
         tracked.__enter__()
@@ -221,15 +229,19 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 else:
                     self.metrics.itl.labels("router").observe(now - last)
                 last = now
-                yield (len(response.tokens), response.finish_reason, response.num_cached_tokens)
+                progress.taken = True
+                progress.num_cached = max(progress.num_cached, response.num_cached_tokens)
+                # Under load one message carries several steps' tokens; a stop string may end
+                # the output inside it, and the tokens after that one are not part of it.
                 delta = self._delta(detok, list(response.tokens), with_logprobs)
+                progress.num_tokens += len(delta.delta.token_ids)
                 if delta.delta.text or delta.delta.token_ids:
                     yield delta
                 if detok.matched_stop is not None:
-                    finish = gen_pb.FINISH_REASON_STOP
+                    progress.finish = gen_pb.FINISH_REASON_STOP
                     break
                 if response.finish_reason != gen_pb.FINISH_REASON_UNSPECIFIED:
-                    finish = response.finish_reason
+                    progress.finish = response.finish_reason
                     break
         except grpc.aio.AioRpcError as e:
             self.metrics.error("decode_worker_failed")
@@ -239,11 +251,14 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         finally:
             tracked.__exit__(None, None, None)
             call.cancel()  # a stop string ended it early, or the client left: the decode worker frees its blocks
-        yield (0, finish, 0)
+        progress.taken = True
 
     def _delta(self, detok: IncrementalDetokenizer, tokens, with_logprobs: bool) -> gen_pb.GenerateResponse:
+        """The text and tokens of ``tokens`` up to (and with) the one that completes a stop string."""
         ids = [t.token_id for t in tokens]
         text = detok.add(ids)
+        if detok.matched_at is not None and detok.matched_at < len(ids):
+            ids, tokens = ids[: detok.matched_at], tokens[: detok.matched_at]
         delta = gen_pb.Delta(text=text, token_ids=ids, logprobs=tokens if with_logprobs else [])
         return gen_pb.GenerateResponse(delta=delta)
 

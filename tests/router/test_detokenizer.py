@@ -54,3 +54,33 @@ def test_prompt_tail_gives_the_first_token_its_leading_space(tokenizer):
     ids = tokenizer.encode("Hello world", add_special_tokens=False)[len(prompt) :]
     detok = IncrementalDetokenizer(tokenizer, stop=[], skip_special_tokens=True, prompt_tail=prompt)
     assert "".join(detok.add([i]) for i in ids) + detok.flush() == tokenizer.decode(prompt + ids)[len("Hello") :]
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 7])
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokens_arriving_several_at_a_time_give_the_same_text(tokenizer, text, chunk):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, stop=[], skip_special_tokens=True, prompt_tail=[])
+    deltas = [detok.add(ids[i : i + chunk]) for i in range(0, len(ids), chunk)] + [detok.flush()]
+    assert "".join(deltas) == tokenizer.decode(ids)
+    assert detok.matched_at is None
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 64])
+def test_a_stop_string_inside_a_chunk_says_how_many_of_its_tokens_were_taken(tokenizer, chunk):
+    text = "alpha beta STOP gamma delta"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    # The token that completes "STOP": the first prefix of the ids whose text contains it.
+    completes = next(n for n in range(1, len(ids) + 1) if "STOP" in tokenizer.decode(ids[:n]))
+    detok = IncrementalDetokenizer(tokenizer, stop=["STOP"], skip_special_tokens=True, prompt_tail=[])
+    out, taken = "", 0
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        out += detok.add(part)
+        if detok.matched_stop:
+            taken += detok.matched_at
+            break
+        taken += len(part)
+    assert detok.matched_stop == "STOP"
+    assert taken == completes
+    assert out + detok.flush() == "alpha beta "
