@@ -45,6 +45,8 @@ class WorkerAgent:
         self._lock = asyncio.Lock()
         self._in_sync = False
         self._task: asyncio.Task[None] | None = None
+        self._pending: list[KVEvent] = []  # events waiting for the flush
+        self._flushing: asyncio.Future[None] | None = None
 
     @property
     def in_sync(self) -> bool:
@@ -59,17 +61,31 @@ class WorkerAgent:
         self._task = asyncio.create_task(self._heartbeat_loop(), name=f"control-plane-agent-{self._info.worker_id}")
 
     async def publish(self, events: Sequence[KVEvent]) -> None:
-        """Publishes KV events; while out of sync they are dropped (the next resync covers them)."""
+        """Publishes KV events; while out of sync they are dropped (the next resync covers them).
+
+        Events are queued and sent by one flush at a time, whatever has gathered in one go:
+        a busy engine makes events every step, and one call per step would queue up behind
+        the lock faster than the control plane answers, delaying the heartbeats behind them
+        past the TTL. Returns once these events (and all queued before them) are sent or dropped.
+        """
         if not events:
             return
-        async with self._lock:
-            if not self._in_sync:
-                return
-            try:
-                for batch in batched_events(events, EVENT_BATCH_SIZE):
-                    await self._control_plane.publish_kv_events(self._info.worker_id, batch)
-            except ControlPlaneUnavailable as e:
-                self._lost(e)
+        self._pending.extend(events)
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.ensure_future(self._flush())
+        await asyncio.shield(self._flushing)
+
+    async def _flush(self) -> None:
+        while self._pending:
+            events, self._pending = self._pending, []
+            async with self._lock:
+                if not self._in_sync:
+                    continue
+                try:
+                    for batch in batched_events(events, EVENT_BATCH_SIZE):
+                        await self._control_plane.publish_kv_events(self._info.worker_id, batch)
+                except ControlPlaneUnavailable as e:
+                    self._lost(e)
 
     async def stop(self) -> None:
         """Stops heartbeating and deregisters, so routers drop the worker now rather than after its TTL."""

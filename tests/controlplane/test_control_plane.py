@@ -190,7 +190,10 @@ async def test_worker_agent_registers_publishes_and_resyncs(backend):
             # The store forgets the worker (a restarted embedded store, a lapsed TTL):
             # the next heartbeat finds out, and the agent republishes everything.
             await router.deregister("p0")
-            await asyncio.sleep(0.3)
+            for _ in range(50):  # heartbeats come every 0.1 s; give a loaded machine 5 s
+                await asyncio.sleep(0.1)
+                if await router.live_workers() and await router.match_prefix(more, ["p0"]) == {"p0": 2}:
+                    break
             assert [w.info.worker_id for w in await router.live_workers()] == ["p0"]
             assert await router.match_prefix(cached[:5], ["p0"]) == {"p0": 5}
             assert await router.match_prefix(more, ["p0"]) == {"p0": 2}
@@ -198,6 +201,34 @@ async def test_worker_agent_registers_publishes_and_resyncs(backend):
         finally:
             await agent.stop()
         assert await router.live_workers() == []
+
+
+@run_async
+async def test_a_storm_of_small_publishes_goes_out_in_few_calls_and_in_order(backend):
+    """A busy engine publishes after every step; those publishes must not each take a turn at
+    the store (they would queue ahead of the heartbeats faster than the store answers)."""
+    async with backend:
+        cp, router = await backend.client(), await backend.client()
+        agent = WorkerAgent(cp, prefill("p0"), lambda: WorkerLoad(), lambda: [], ttl_seconds=5)
+        await agent.start()
+        calls = 0
+        real_publish = cp.publish_kv_events
+
+        async def counted(worker_id, events):
+            nonlocal calls
+            calls += 1
+            await real_publish(worker_id, events)
+
+        cp.publish_kv_events = counted
+        try:
+            chain = prompt_hashes(11, 300)
+            await asyncio.gather(*(agent.publish([KVEvent.stored([h])]) for h in chain))
+            assert calls <= 2, calls
+            assert await router.match_prefix(chain, ["p0"]) == {"p0": 300}
+            await agent.publish([KVEvent.removed(chain[150:])])  # and later events still follow
+            assert await router.match_prefix(chain, ["p0"]) == {"p0": 150}
+        finally:
+            await agent.stop()
 
 
 def test_events_and_infos_are_checked_at_the_boundary():
