@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# Issue 8 on nvidia-h200-x2: TP=2 exact against TP=1 in fp32, and the 8B decode step at TP=1/2
-# with the collectives' share (bench/tp_decode.py). Results under $OUT.
+# Issue 8 on nvidia-h200-x2: TP=2 exact against TP=1 in fp32, the 8B decode step at TP=1/2, and
+# the collectives' share (bench/tp_decode.py). Three separate runs, each with its own time
+# limit and a stack dump every 60 s, so one hang (the check hung under NCCL on 2026-11-22)
+# neither hides the others nor goes undiagnosed. Results and logs under $OUT.
 set -o pipefail
 source bench/device_env.sh || exit 1
-timeout 400 python3 bench/tp_decode.py --check --check-archs llama qwen3 \
-    --preset llama-3.1-8b --tp-sizes 1 2 --batch-sizes 1 64 --context 1024 --iters 30 \
-    --checkpoint-dir /dev/shm/tp --out "$OUT/tp_h200x2.json" 2>&1 | grep -v "^\[" | tee "$OUT/tp_bench.log"
+run() {  # name, limit, args...
+    local name=$1 limit=$2; shift 2
+    NCCL_DEBUG=WARN timeout "$limit" python3 bench/tp_decode.py --watchdog-s 60 --checkpoint-dir /dev/shm/tp \
+        --out "$OUT/tp_$name.json" "$@" > "$OUT/tp_$name.log" 2>&1
+    echo "== $name: exit $?"; grep -v "^\[\|^  File\|^Thread\|^Current thread\|^$" "$OUT/tp_$name.log" | tail -8
+}
+run steps 200 --preset llama-3.1-8b --tp-sizes 1 2 --batch-sizes 1 64 --context 1024 --iters 20 --no-collectives
+run check 120 --check --check-archs llama qwen3
+run collectives 150 --preset llama-3.1-8b --tp-sizes 2 --batch-sizes 1 64 --context 1024 --iters 5

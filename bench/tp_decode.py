@@ -20,6 +20,7 @@ Three parts, each optional:
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import platform
@@ -58,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--checkpoint-dir", type=Path, default=Path(tempfile.gettempdir()) / "splitserve-tp-bench")
     p.add_argument("--out", type=Path)
+    p.add_argument("--no-collectives", action="store_true", help="skip the collectives-alone measurement")
+    p.add_argument("--watchdog-s", type=float, default=0, help="print every thread's stack every N s (finds hangs)")
     return p.parse_args(argv)
 
 
@@ -270,6 +273,8 @@ def collectives(args, model_dir: Path, world: int) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.watchdog_s > 0:
+        faulthandler.dump_traceback_later(args.watchdog_s, repeat=True)
     report: dict = {"command": "python " + " ".join(sys.argv), "device": args.device, "torch": torch.__version__, "host": platform.node()}
     if args.device.startswith("cuda"):
         report["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -278,7 +283,7 @@ def main(argv=None) -> int:
     if args.preset:
         rows, info = step_times(args)
         report.update(info, steps=rows)
-        tp_sizes = [t for t in args.tp_sizes if t > 1]
+        tp_sizes = [] if args.no_collectives else [t for t in args.tp_sizes if t > 1]
         report["collectives"] = {}
         for tp_size in tp_sizes:
             try:
