@@ -3,7 +3,8 @@
 
 Goodput is recomputed from the per-request records for each ``--slo`` set, so one run can be
 judged at several SLOs. Per workload it prints, for each setup and rate, throughput, goodput,
-TTFT/TPOT/ITL p50 and p99 and the KV transfer's share of TTFT, then the best goodput of each
+TTFT/TPOT/ITL p50 and p99 and the mean KV transfer time over the mean TTFT (a ratio for scale: the
+first token comes from the prefill worker, so the transfer delays the second token), then the best goodput of each
 setup and their ratio; writes ``report.md`` and one PNG per workload next to the run.
 
     python bench/disagg_report.py RUN_DIR --slo ttft:500,tpot:25 --slo ttft:1000,tpot:50
@@ -63,7 +64,7 @@ def _f(value, spec: str) -> str:
 def workload_table(rows: list[dict], goodput: Goodput, slo_sets: list[dict[str, float]]) -> list[str]:
     slo_names = [",".join(f"{k}<={v:g}" for k, v in s.items()) for s in slo_sets]
     head = ["setup", "rate", "req/s", *[f"goodput {n}" for n in slo_names], "TTFT p50/p99 ms", "TPOT p50/p99 ms",
-            "ITL p50/p99 ms", "KV ms (share of TTFT)", "failed"]
+            "ITL p50/p99 ms", "KV ms (% of mean TTFT)", "failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         if row["returncode"] != 0:

@@ -33,7 +33,8 @@ def test_disaggregated_and_colocated_points_and_report(tiny_checkpoint, tmp_path
         assert row["completed"] == row["num_prompts"] and row["failed"] == 0
         assert row["p99_ttft_ms"] >= row["p50_ttft_ms"] > 0
     assert rows["disagg"]["kv_transfers"] == rows["disagg"]["num_prompts"] + WARMUPS
-    assert rows["disagg"]["mean_kv_transfer_ms"] > 0 and 0 < rows["disagg"]["kv_share_of_ttft"] < 1
+    # The transfer follows the first token (streamed from the prefill worker): not bounded by TTFT.
+    assert rows["disagg"]["mean_kv_transfer_ms"] > 0 and rows["disagg"]["kv_share_of_ttft"] > 0
     assert rows["coloc"]["kv_transfers"] == 0 and rows["coloc"]["mean_kv_transfer_ms"] is None
 
     report = subprocess.run(
