@@ -11,6 +11,8 @@ run() {  # name, limit, args...
         --out "$OUT/tp_$name.json" "$@" > "$OUT/tp_$name.log" 2>&1
     echo "== $name: exit $?"; grep -v "^\[\|^  File\|^Thread\|^Current thread\|^$" "$OUT/tp_$name.log" | tail -8
 }
-run steps 200 --preset llama-3.1-8b --tp-sizes 1 2 --batch-sizes 1 64 --context 1024 --iters 20 --no-collectives
+# One TP size per process: a TP=2 group after a TP=1 runner in the same process hung once.
+run steps_tp2 150 --preset llama-3.1-8b --tp-sizes 2 --batch-sizes 1 64 --context 1024 --iters 20 --no-collectives
+run steps_tp1 120 --preset llama-3.1-8b --tp-sizes 1 --batch-sizes 1 64 --context 1024 --iters 20
 run check 120 --check --check-archs llama qwen3
-run collectives 150 --preset llama-3.1-8b --tp-sizes 2 --batch-sizes 1 64 --context 1024 --iters 5
+run collectives 150 --preset llama-3.1-8b --tp-sizes 2 --batch-sizes 1 64 --collectives-only

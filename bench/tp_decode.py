@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-dir", type=Path, default=Path(tempfile.gettempdir()) / "splitserve-tp-bench")
     p.add_argument("--out", type=Path)
     p.add_argument("--no-collectives", action="store_true", help="skip the collectives-alone measurement")
+    p.add_argument("--collectives-only", action="store_true", help="only the collectives (no step timing, no share)")
     p.add_argument("--watchdog-s", type=float, default=0, help="print every thread's stack every N s (finds hangs)")
     return p.parse_args(argv)
 
@@ -123,7 +124,10 @@ def check(args) -> list[dict]:
         model_dir, _ = checkpoint(arch, "tiny", args.checkpoint_dir, args.device)
         outputs = {}
         try:
-            for tp_size in (1, 2):
+            # TP=2 first: on 2x H200 a TP=2 group started after a TP=1 runner of the same
+            # process had captured its CUDA graphs hung (not diagnosed), and the first TP=2
+            # group of a process ran (bench/results/tp_h200x2.md).
+            for tp_size in (2, 1):
                 runner = make_runner(model_dir, tp_size, args.device, torch.float32, num_blocks=64)
                 try:
                     outputs[tp_size] = (greedy(model_dir, runner), prefill_logits(runner))
@@ -280,7 +284,16 @@ def main(argv=None) -> int:
         report["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     if args.check:
         report["check"] = check(args)
-    if args.preset:
+    if args.preset and args.collectives_only:
+        model_dir, _ = checkpoint("llama", args.preset, args.checkpoint_dir, args.device,
+                                  {"num_hidden_layers": args.layers} if args.layers else None)
+        report["collectives"] = {}
+        for tp_size in [t for t in args.tp_sizes if t > 1]:
+            report["collectives"][tp_size] = coll = collectives(args, model_dir, tp_size)
+            for c in coll:
+                print(f"  TP={tp_size} batch {c['batch']:3d}: collectives {c['graph_ms']} ms in a graph, "
+                      f"{c['eager_ms']:.3f} ms eager", flush=True)
+    elif args.preset:
         rows, info = step_times(args)
         report.update(info, steps=rows)
         tp_sizes = [] if args.no_collectives else [t for t in args.tp_sizes if t > 1]
