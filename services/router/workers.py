@@ -14,6 +14,14 @@ from splitserve.v1 import worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 
+# A decode stream is tens of bytes per token. With HTTP/2's default windows (64 KiB, grown
+# further by BDP probing) thousands of them queue per stream when the router reads slower than
+# the worker writes, and the worker never notices. A 1 KiB window stops it after a few dozen,
+# so its stream backs up and it sends the waiting tokens in one message (services/decode),
+# which is what lets a busy router catch up.
+DECODE_CHANNEL_OPTIONS = (("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0))
+
+
 class WorkerDirectory:
     """Live workers by role, and cached gRPC stubs by address.
 
@@ -59,10 +67,10 @@ class WorkerDirectory:
     def mark_failed(self, worker_id: str) -> None:
         self._failed_at[worker_id] = time.monotonic()
 
-    def channel(self, address: str) -> grpc.aio.Channel:
+    def channel(self, address: str, options: tuple[tuple[str, int], ...] = ()) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.enable_retries", 0)]
+            options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.enable_retries", 0), *options]
             channel = self._channels[address] = dial(address, self.security, options)
         return channel
 
@@ -70,7 +78,7 @@ class WorkerDirectory:
         return worker_pb2_grpc.PrefillWorkerStub(self.channel(address))
 
     def decode_stub(self, address: str) -> worker_pb2_grpc.DecodeWorkerStub:
-        return worker_pb2_grpc.DecodeWorkerStub(self.channel(address))
+        return worker_pb2_grpc.DecodeWorkerStub(self.channel(address, DECODE_CHANNEL_OPTIONS))
 
     async def close(self) -> None:
         for channel in self._channels.values():

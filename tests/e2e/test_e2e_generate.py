@@ -217,3 +217,31 @@ def test_seeded_sampling_through_prefill_and_decode_matches_one_engine(cluster, 
     )[0]
     assert served.token_ids == offline.token_ids  # first token sampled on the prefill worker, the rest on decode
     assert len(set(served.token_ids)) > 3
+
+
+def test_a_decode_stream_read_slowly_batches_its_tokens_and_stays_exact(cluster, reference):
+    """Read on a channel set up as the router's decode channels are: when the reader falls
+    behind, the decode worker's stream backs up and it sends the waiting tokens together —
+    the same tokens, in fewer messages (with default HTTP/2 windows it sent one per token)."""
+    from splitserve.services.router.workers import DECODE_CHANNEL_OPTIONS
+    from splitserve.v1 import worker_pb2 as worker_pb
+    from splitserve.v1 import worker_pb2_grpc
+
+    decode = next(w for w in cluster.workers if w.role == "decode")
+    prompt, max_tokens = list(range(7, 40)), 300
+
+    async def read_slowly() -> tuple[list[int], int]:
+        async with grpc.aio.insecure_channel(decode.address, options=list(DECODE_CHANNEL_OPTIONS)) as channel:
+            request = worker_pb.DecodeRequest(request=worker_pb.EngineRequest(
+                request_id="slow-reader", prompt_token_ids=prompt, max_tokens=max_tokens, ignore_eos=True))
+            tokens, messages = [], 0
+            async for response in worker_pb2_grpc.DecodeWorkerStub(channel).Decode(request, timeout=120):
+                tokens += [t.token_id for t in response.tokens]
+                messages += 1
+                await asyncio.sleep(0.02)
+            return tokens, messages
+
+    tokens, messages = asyncio.run(read_slowly())
+    assert tokens == reference(prompt, max_tokens)
+    assert messages < max_tokens / 2, f"{max_tokens} tokens came in {messages} messages"
+    _assert_blocks_all_free(cluster)
