@@ -14,8 +14,10 @@ Setups (``--setups``):
   coloc   ``--prefill + --decode`` decode-role workers that prefill their own prompts
           (no prefill pool: the router sends each request to one engine, data parallel)
 
-GPUs: worker i of a setup runs on ``--devices[i]`` (prefill workers first), so both setups
-use the same GPUs. On a CPU machine use ``--devices cpu cpu`` with a tiny checkpoint.
+GPUs: the workers of a setup take ``--devices`` in order (prefill workers first), a worker of
+TP size t the next t of them, so both setups use the same GPUs; the colocated setup runs as
+many engines of ``--coloc-tp`` as those GPUs hold. On a CPU machine use ``--devices cpu cpu``
+(TP on the CPU runs its ranks with gloo) and a tiny checkpoint.
 
     python bench/disagg.py --model /dev/shm/llama8b --devices cuda:0 cuda:1 \\
         --workloads prefill_heavy decode_heavy mixed --out $OUT/disagg
@@ -58,6 +60,8 @@ WORKLOADS = {
     "prefill_heavy": Workload("prefill_heavy", 3072, 128, 0.33, (2, 4, 6, 8, 12, 16), 12, 24),
     "decode_heavy": Workload("decode_heavy", 256, 1024, 0.0, (2, 4, 8, 16), 10, 16),
     "mixed": Workload("mixed", 512, 256, 0.5, (4, 8, 16), 10, 24, prefix_len=1536, num_prefixes=8),
+    # Issue 10's prefill-heavy workload, sized for four GPUs.
+    "prefill_2k": Workload("prefill_2k", 2048, 128, 0.0, (4, 8, 12, 16, 24), 10, 24),
 }
 
 KV_SECONDS = "splitserve_kv_transfer_seconds"
@@ -73,7 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seconds-per-point", type=float, default=None, help="override every workload's")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers in the disaggregated setup")
     p.add_argument("--decode", type=int, default=1, help="decode workers in the disaggregated setup")
-    p.add_argument("--devices", nargs="+", default=["cuda:0", "cuda:1"])
+    p.add_argument("--prefill-tp", type=int, default=1, help="TP size of each prefill worker")
+    p.add_argument("--decode-tp", type=int, default=1, help="TP size of each decode worker")
+    p.add_argument("--coloc-tp", type=int, default=None,
+                   help="TP size of each colocated engine (default --decode-tp); as many as the disaggregated setup's GPUs allow")
+    p.add_argument("--devices", nargs="+", default=["cuda:0", "cuda:1"],
+                   help="a worker of TP size t takes the next t entries and runs on the first (its ranks on the GPUs after it)")
     p.add_argument("--worker-args", default="", help="extra arguments for every worker (one shell-quoted string)")
     p.add_argument("--router-args", default="", help="extra arguments for the router")
     p.add_argument("--goodput", nargs="+", default=["ttft:500", "tpot:25"], help="SLOs bench serve counts goodput at")
@@ -101,19 +110,35 @@ def workloads_from(args: argparse.Namespace) -> list[Workload]:
     return chosen
 
 
+def worker_specs(setup: str, args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
+    """(role, worker id, its arguments) per worker; each takes the next ``tp`` of --devices."""
+    if setup == "disagg":
+        pools = [("prefill", args.prefill, args.prefill_tp), ("decode", args.decode, args.decode_tp)]
+    else:
+        gpus = args.prefill * args.prefill_tp + args.decode * args.decode_tp
+        tp = args.coloc_tp or args.decode_tp
+        if gpus % tp:
+            raise SystemExit(f"the disaggregated setup's {gpus} devices do not split into colocated engines of TP={tp}")
+        pools = [("decode", gpus // tp, tp)]
+    needed = sum(count * tp for _, count, tp in pools)
+    if len(args.devices) < needed:
+        raise SystemExit(f"{setup} needs {needed} --devices, got {args.devices}")
+    specs, next_device = [], 0
+    for role, count, tp in pools:
+        for _ in range(count):
+            own = ["--device", args.devices[next_device], *(["--tp-size", str(tp)] if tp > 1 else [])]
+            specs.append((role, f"{setup}-{role}-{len(specs)}", own))
+            next_device += tp
+    return specs
+
+
 def start_setup(setup: str, args: argparse.Namespace) -> Cluster:
-    workers = args.prefill + args.decode
-    if len(args.devices) < workers:
-        raise SystemExit(f"{workers} workers need {workers} --devices, got {args.devices}")
+    specs = worker_specs(setup, args)
+    workers = len(specs)
     router_args = shlex.split(args.router_args)
     if setup == "disagg" and "--prefill-threshold" not in router_args:
         router_args += ["--prefill-threshold", "0"]
     cluster = Cluster(args.model, router_args=router_args, worker_args=shlex.split(args.worker_args))
-    if setup == "disagg":
-        roles = ["prefill"] * args.prefill + ["decode"] * args.decode
-    else:
-        roles = ["decode"] * workers
-    specs = [(role, f"{setup}-{role}-{i}", ["--device", device]) for i, (role, device) in enumerate(zip(roles, args.devices))]
     try:
         cluster.add_workers(*specs)
         if not wait_until(lambda: _live_workers(cluster) >= workers, timeout=60):
