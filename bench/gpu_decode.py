@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from splitserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from splitserve.bench.timing import median_ms
 from splitserve.engine.cuda_graphs import DecodeCUDAGraphs
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -59,15 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def median_ms(fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+
 
 
 def event_ms(fn, iters: int) -> float:

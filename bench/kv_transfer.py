@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from splitserve.bench.timing import timed
 from splitserve.kvtransfer import KVLayout, KVTransferAgent, Span
 
 LAYOUTS = ("block_major", "block_major_scattered", "layer_major")
@@ -93,15 +94,7 @@ def _layer_major_spans(ids: list[int], layout: KVLayout, num_cache_blocks: int) 
     return spans
 
 
-def _timed(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+
 
 
 def _ceiling(src: torch.Tensor, dst: torch.Tensor, n: int, args) -> float:
@@ -111,7 +104,7 @@ def _ceiling(src: torch.Tensor, dst: torch.Tensor, n: int, args) -> float:
         dst[:n].copy_(src[:n])
         sync()
 
-    return statistics.median(_timed(copy, args.warmup, args.iters))
+    return statistics.median(timed(copy, args.iters, args.warmup))
 
 
 def run(args) -> list[Row]:
@@ -166,7 +159,7 @@ def _measure(agent, peer, layout, layout_name, op, n, num_cache_blocks, ceiling_
             return move(peer, ids, ids, notify=b"bench", timeout=args.timeout)
 
     num_descriptors = go().num_descriptors
-    times = _timed(go, args.warmup, args.iters)
+    times = timed(go, args.iters, args.warmup)
     p50 = statistics.median(times)
     p90 = sorted(times)[int(0.9 * (len(times) - 1))]
     num_bytes = n * layout.block_bytes

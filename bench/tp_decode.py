@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from splitserve.bench.timing import median_ms
 from splitserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.model_runner import ModelRunner
@@ -162,15 +162,7 @@ def decode_batch(batch: int, context: int, num_blocks: int, rng: random.Random) 
     )
 
 
-def median_ms(fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+
 
 
 def step_times(args) -> tuple[list[dict], dict]:

@@ -152,8 +152,6 @@ async def serve_worker(config: WorkerConfig, listen: Listen, tls: TLSConfig | No
     await service.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
-    import signal
-
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     _announce(config.role, listen.host, port, metrics_port)

@@ -61,7 +61,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         submit = lambda: loop.submit(request_id, prompt, params, remote_kv=remote, first_token=first)  # noqa: E731
         stream = await run_engine_request(self.runtime, context, submit)
         finished = False
-        last = time.perf_counter()
+        itl, last = self.runtime.metrics.itl.labels("decode"), time.perf_counter()
         try:
             while not finished:
                 outs = [await next_output(stream, context)]
@@ -70,7 +70,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 while not outs[-1].finished and not stream.empty():
                     outs.append(await next_output(stream, context))
                 now = time.perf_counter()
-                self.runtime.metrics.itl.labels("decode").observe(now - last)
+                itl.observe(now - last)
                 last = now
                 out = outs[-1]
                 finished = out.finished

@@ -47,14 +47,12 @@ class IncrementalDetokenizer:
             if len(full) > len(prefix) and not full.endswith(REPLACEMENT):
                 self.text += full[len(prefix) :]
                 self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-                if self.stop and i < len(token_ids) - 1:  # the last token's text is checked below
+                if self.stop:  # a stop string may complete at any token: take none after it
                     released.append(self._releasable())
                     if self.matched_stop is not None:
                         self.matched_at = i + 1
-                        return "".join(released)
+                        break
         released.append(self._releasable())
-        if self.matched_stop is not None and token_ids:
-            self.matched_at = len(token_ids)
         return "".join(released)
 
     def _releasable(self) -> str:

@@ -57,10 +57,10 @@ class RouterSettings:
 
 @dataclass
 class DecodeProgress:
-    """What one decode stream has delivered so far, as ``_decode`` leaves it."""
+    """What one request's stream has delivered so far (prefill's first token, then ``_decode``'s)."""
 
-    num_tokens: int  # output tokens sent to the client, the prefill worker's first one included
-    num_cached: int  # prompt tokens served from a prefix cache
+    num_tokens: int = 0  # output tokens sent to the client, the prefill worker's first one included
+    num_cached: int = 0  # prompt tokens served from a prefix cache
     finish: int = gen_pb.FINISH_REASON_UNSPECIFIED
     taken: bool = False  # the decode worker answered: the prefill worker's KV is no longer the router's to release
 
@@ -74,6 +74,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.workers = workers
         self.policy = policy
         self.metrics = metrics
+        self._ttft, self._itl = metrics.ttft.labels("router"), metrics.itl.labels("router")  # observed per token
         self.num_inflight = 0
 
     async def GetModelInfo(self, request, context) -> gen_pb.ModelInfo:
@@ -168,40 +169,32 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         block_hashes = hash_request_tokens(prompt, self.settings.block_size)
         start = time.perf_counter()
         detok = IncrementalDetokenizer(self.tokenizer, prepared.stop, prepared.skip_special_tokens, prompt[-PROMPT_TAIL_TOKENS:])
-        num_tokens, num_cached = 0, 0
-        finish = gen_pb.FINISH_REASON_UNSPECIFIED
+        progress = DecodeProgress()
         decode_request = worker_pb.DecodeRequest(request=engine_request)
         prefill = None
         if not should_skip_prefill(len(prompt), self.settings.prefill_threshold):
             prefill = await self._prefill(prepared, block_hashes, deadline)
-        released = prefill is None or not prefill[0].HasField("kv")
+        kv_pinned = prefill is not None and prefill[0].HasField("kv")  # on the prefill worker until decode takes it
         try:
             if prefill is not None:
-                response, prefill_address = prefill
-                num_cached = response.num_cached_tokens
-                num_tokens = 1
-                self.metrics.ttft.labels("router").observe(time.perf_counter() - start)
+                response, _ = prefill
+                progress.num_tokens, progress.num_cached = 1, response.num_cached_tokens
+                self._ttft.observe(time.perf_counter() - start)
                 yield self._delta(detok, [response.first_token], engine_request.logprobs or engine_request.top_logprobs > 0)
-                finish = response.finish_reason
-                if detok.matched_stop is not None:
-                    finish = gen_pb.FINISH_REASON_STOP
-                if finish != gen_pb.FINISH_REASON_UNSPECIFIED:
-                    for message in self._finish(engine_request, prompt, num_tokens, num_cached, finish, detok):
+                progress.finish = gen_pb.FINISH_REASON_STOP if detok.matched_stop is not None else response.finish_reason
+                if progress.finish != gen_pb.FINISH_REASON_UNSPECIFIED:
+                    for message in self._finish(engine_request, prompt, progress, detok):
                         yield message
                     return
                 decode_request = worker_pb.DecodeRequest(
-                    request=engine_request, first_token=response.first_token, kv=response.kv, num_cached_tokens=num_cached
+                    request=engine_request, first_token=response.first_token, kv=response.kv, num_cached_tokens=progress.num_cached
                 )
-            progress = DecodeProgress(num_tokens, num_cached)
-            try:
-                async for message in self._decode(decode_request, prepared, detok, deadline, start, progress):
-                    yield message
-            finally:
-                released = released or progress.taken
-            for message in self._finish(engine_request, prompt, progress.num_tokens, progress.num_cached, progress.finish, detok):
+            async for message in self._decode(decode_request, prepared, detok, deadline, start, progress):
+                yield message
+            for message in self._finish(engine_request, prompt, progress, detok):
                 yield message
         finally:
-            if not released and prefill is not None:
+            if kv_pinned and not progress.taken:
                 # Decode never took the KV (it failed, or the client left): unpin it now, not at lease expiry.
                 asyncio.ensure_future(self._release(prefill[1], engine_request.request_id))
 
@@ -224,10 +217,10 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             async for response in call:
                 now = time.perf_counter()
                 if first_from_decode:
-                    self.metrics.ttft.labels("router").observe(now - start)
+                    self._ttft.observe(now - start)
                     first_from_decode = False
                 else:
-                    self.metrics.itl.labels("router").observe(now - last)
+                    self._itl.observe(now - last)
                 last = now
                 progress.taken = True
                 progress.num_cached = max(progress.num_cached, response.num_cached_tokens)
@@ -262,16 +255,15 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         delta = gen_pb.Delta(text=text, token_ids=ids, logprobs=tokens if with_logprobs else [])
         return gen_pb.GenerateResponse(delta=delta)
 
-    def _finish(self, engine_request, prompt, num_tokens, num_cached, finish, detok) -> list[gen_pb.GenerateResponse]:
+    def _finish(self, engine_request, prompt, progress: DecodeProgress, detok) -> list[gen_pb.GenerateResponse]:
         """The held-back text, if any, then the Final message."""
         tail = detok.flush()
         messages = [gen_pb.GenerateResponse(delta=gen_pb.Delta(text=tail))] if tail else []
-        return [*messages, self._final(engine_request, prompt, num_tokens, num_cached, finish, detok)]
-
-    def _final(self, engine_request, prompt, num_tokens, num_cached, finish, detok) -> gen_pb.GenerateResponse:
-        usage = gen_pb.Usage(prompt_tokens=len(prompt), completion_tokens=num_tokens, cached_prompt_tokens=num_cached)
-        final = gen_pb.Final(request_id=engine_request.request_id, finish_reason=finish, stop=detok.matched_stop or "", usage=usage)
-        return gen_pb.GenerateResponse(final=final)
+        usage = gen_pb.Usage(prompt_tokens=len(prompt), completion_tokens=progress.num_tokens, cached_prompt_tokens=progress.num_cached)
+        final = gen_pb.Final(
+            request_id=engine_request.request_id, finish_reason=progress.finish, stop=detok.matched_stop or "", usage=usage
+        )
+        return [*messages, gen_pb.GenerateResponse(final=final)]
 
     async def _release(self, address: str, request_id: str) -> None:
         try:

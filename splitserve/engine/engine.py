@@ -82,24 +82,10 @@ class LLMEngine:
         if bad is not None:
             raise InvalidRequestError("stop_token_ids", f"token id {bad} is outside the vocabulary")
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        *,
-        remote_kv: RemoteKV | None = None,
-        first_token: TokenLogprob | None = None,
-        hold_kv: bool = False,
-    ) -> Request:
-        """Queues a request.
-
-        ``remote_kv`` and ``first_token``: the prompt was prefilled elsewhere; its KV
-        will be loaded into local blocks and decoding starts from ``first_token``.
-        ``hold_kv``: when the request finishes, keep its blocks until ``release``.
-        """
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, **options) -> Request:
+        """Checks and queues a request; ``options`` as ``enqueue`` takes them."""
         self.validate(prompt_token_ids, params)
-        return self.enqueue(request_id, prompt_token_ids, params, remote_kv=remote_kv, first_token=first_token, hold_kv=hold_kv)
+        return self.enqueue(request_id, prompt_token_ids, params, **options)
 
     def enqueue(
         self,
@@ -111,8 +97,13 @@ class LLMEngine:
         first_token: TokenLogprob | None = None,
         hold_kv: bool = False,
     ) -> Request:
-        """``add_request`` for a request already ``validate``d (the services validate on their
-        event loop, then enqueue on the engine thread): only the checks that depend on load."""
+        """Queues a request already ``validate``d (the services validate on their event loop,
+        then enqueue on the engine thread): only the checks that depend on load are left.
+
+        ``remote_kv`` and ``first_token``: the prompt was prefilled elsewhere; its KV
+        will be loaded into local blocks and decoding starts from ``first_token``.
+        ``hold_kv``: when the request finishes, keep its blocks until ``release``.
+        """
         if request_id in self.scheduler.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
         if len(self.scheduler.waiting) >= self.config.scheduler.max_waiting:

@@ -118,7 +118,8 @@ class Cluster:
 
     def add_workers(self, *specs: tuple[str, str] | tuple[str, str, list[str]], extra: list[str] = ()) -> list[Service]:
         """Starts workers in parallel; ``specs``: (role, worker_id), or (role, worker_id, that
-        worker's own arguments, e.g. its --device). Waits until the router sees them."""
+        worker's own arguments, e.g. its --device). Waits for each one's ready line, which it prints
+        once registered with the control plane (the router's list catches up within its refresh)."""
         started = []
         for role, worker_id, *own in specs:
             args = ["--model", str(self.model_dir), "--port", "0", "--metrics-port", "0", "--worker-id", worker_id,
