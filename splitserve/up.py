@@ -34,12 +34,13 @@ def _start(args: list[str], name: str, timeout: float = 300.0) -> tuple[subproce
     def pump() -> None:
         for line in proc.stdout:
             match = READY.search(line)
-            if match and not ready.is_set():
+            first_ready = match is not None and not ready.is_set()
+            # the whole platform's ready line comes last, so ours is written before anyone is told
+            sys.stdout.write(f"[{name}] ready at {match.group(2)}\n" if first_ready else f"[{name}] {line}")
+            sys.stdout.flush()
+            if first_ready:
                 found.extend([match.group(2), line])
                 ready.set()
-                line = f"ready at {match.group(2)}\n"  # the whole platform's ready line comes last
-            sys.stdout.write(f"[{name}] {line}")
-            sys.stdout.flush()
         ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
