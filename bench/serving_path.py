@@ -3,14 +3,15 @@
 
   cpu-per-token  runs ``bench serve`` (short prompts, long outputs, all at once) and reads each
                  process's CPU time from /proc: CPU microseconds per streamed token for the
-                 router, the decode worker and the load generator, and tokens per message.
-  slow-reader    reads one decode stream directly from the decode worker, sleeping between
-                 messages, on a channel with the router's decode-channel options (or none):
-                 how many messages the tokens came in, i.e. whether the worker batches the
-                 tokens that wait while its reader is behind.
+                 router, the decode worker (and each one's event loop, its main thread) and the load
+                 generator, and tokens per message.
+  slow-reader    reads one decode stream (--prompts requests) directly from the decode worker,
+                 sleeping between messages, on a channel with the router's decode-channel
+                 options (or none): how many messages the steps came in, i.e. whether the
+                 worker merges the steps that wait while its reader is behind.
 
     python bench/serving_path.py cpu-per-token --model checkpoints/tiny-llama --prompts 128 --output-len 256
-    python bench/serving_path.py slow-reader --model checkpoints/tiny-llama [--default-options]
+    python bench/serving_path.py slow-reader --model checkpoints/tiny-llama --prompts 16 --output-len 150 --read-pause-s 0.1 [--default-options]
 """
 from __future__ import annotations
 
@@ -33,14 +34,17 @@ from splitserve.v1 import worker_pb2 as worker_pb
 from splitserve.v1 import worker_pb2_grpc
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """A process's CPU time, or one of its threads' (the main thread runs a service's event loop)."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def cpu_per_token(cluster: Cluster, args: argparse.Namespace) -> None:
     pids = {"router": cluster.router.proc.pid, "decode": cluster.workers[0].proc.pid}
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    loop_before = {name: cpu_seconds(pid, pid) for name, pid in pids.items()}
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
@@ -57,8 +61,9 @@ def cpu_per_token(cluster: Cluster, args: argparse.Namespace) -> None:
     print(f"{tokens} tokens in {wall:.1f} s ({point['metrics']['output_throughput']:.0f} tok/s), "
           f"{tokens / chunks:.2f} tokens per message to the client")
     for name, pid in pids.items():
-        used = cpu_seconds(pid) - before[name]
-        print(f"  {name:<8} {used:6.2f} s CPU = {1e6 * used / tokens:5.0f} us/token")
+        used, loop = cpu_seconds(pid) - before[name], cpu_seconds(pid, pid) - loop_before[name]
+        print(f"  {name:<8} {used:6.2f} s CPU = {1e6 * used / tokens:5.0f} us/token, "
+              f"of which its event loop (main thread) {1e6 * loop / tokens:5.0f} us/token")
     client = (children.ru_utime + children.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
     print(f"  {'client':<8} {client:6.2f} s CPU = {1e6 * client / tokens:5.0f} us/token")
 
@@ -68,17 +73,20 @@ def slow_reader(cluster: Cluster, args: argparse.Namespace) -> None:
 
     async def read() -> tuple[int, int]:
         async with grpc.aio.insecure_channel(cluster.workers[0].address, options=options) as channel:
-            request = worker_pb.DecodeRequest(request=worker_pb.EngineRequest(
-                request_id="slow-reader", prompt_token_ids=list(range(5, 30)), max_tokens=args.output_len, ignore_eos=True))
+            commands = iter([  # the stream ends when its requests do
+                worker_pb.DecodeCommand(start=worker_pb.DecodeRequest(request=worker_pb.EngineRequest(
+                    request_id=f"slow-{i}", prompt_token_ids=list(range(5, 30)), max_tokens=args.output_len, ignore_eos=True)))
+                for i in range(args.prompts)
+            ])
             tokens = messages = 0
-            async for response in worker_pb2_grpc.DecodeWorkerStub(channel).Decode(request, timeout=300):
-                tokens, messages = tokens + len(response.tokens), messages + 1
+            async for message in worker_pb2_grpc.DecodeWorkerStub(channel).Decode(commands, timeout=300):
+                tokens, messages = tokens + sum(len(u.tokens) for u in message.updates), messages + 1
                 await asyncio.sleep(args.read_pause_s)
             return tokens, messages
 
     tokens, messages = asyncio.run(read())
-    print(f"channel options {options or 'default'}: {tokens} tokens in {messages} messages "
-          f"({tokens / messages:.2f} per message), reader pausing {1000 * args.read_pause_s:.0f} ms per message")
+    print(f"channel options {options or 'default'}: {args.prompts} requests x {args.output_len} tokens = {args.output_len} steps "
+          f"in {messages} messages ({tokens / messages:.1f} tokens per message), reader pausing {1000 * args.read_pause_s:.0f} ms per message")
 
 
 def main(argv=None) -> int:

@@ -124,9 +124,8 @@ def check(args) -> list[dict]:
         model_dir, _ = checkpoint(arch, "tiny", args.checkpoint_dir, args.device)
         outputs = {}
         try:
-            # TP=2 first: on 2x H200 a TP=2 group started after a TP=1 runner of the same
-            # process had captured its CUDA graphs hung (not diagnosed), and the first TP=2
-            # group of a process ran (bench/results/tp_h200x2.md).
+            # TP=2 first, as on the 2x H200 runs that hung (bench/results/tp_h200x2.md): the
+            # likely cause, graphs holding NCCL communicators at teardown, is fixed since.
             for tp_size in (2, 1):
                 runner = make_runner(model_dir, tp_size, args.device, torch.float32, num_blocks=64)
                 try:
@@ -239,6 +238,7 @@ def _collectives_rank(rank: int, world: int, port: int, shapes: dict, batch_size
                 end.record()
                 end.synchronize()
                 graph_ms = start.elapsed_time(end) / calls
+                del graph  # a graph holding collectives keeps destroy_process_group waiting (NCCL >= 2.26)
             except Exception as e:  # record it; the eager number still stands
                 print(f"rank {rank}: capturing the collectives failed: {e}", flush=True)
                 graph_ms = None

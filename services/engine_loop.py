@@ -2,8 +2,9 @@
 
 gRPC handlers never call the engine directly: they post commands (add, abort,
 release, finish a KV load) that the engine thread applies between steps, and
-read each request's outputs from an asyncio queue the thread feeds. The model
-never runs on the event loop.
+read each request's outputs from an asyncio queue (or any sink with ``put_nowait``)
+the thread feeds. One step's outputs cross to the event loop in one hand-over, not
+one per request. The model never runs on the event loop.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import queue
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from splitserve.engine.engine import LLMEngine, RequestOutput
 from splitserve.engine.errors import InvalidRequestError, QueueFullError
@@ -38,6 +40,12 @@ class EngineStats:
     num_tokens_in_flight: int = 0  # accepted prompt tokens not computed yet
 
 
+class Sink(Protocol):
+    """Where a request's outputs go, on the event loop: an asyncio.Queue, or a stream's own collector."""
+
+    def put_nowait(self, item: object) -> None: ...
+
+
 @dataclass(frozen=True)
 class Finished:
     """The last item on a request's queue when its blocks are held for another worker."""
@@ -59,7 +67,8 @@ class EngineLoop:
         self.on_kv_events = on_kv_events
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, Sink] = {}
+        self._outbox: list[tuple[str, object, bool]] = []  # (request id, item, last): the engine thread's, until handed over
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -93,8 +102,9 @@ class EngineLoop:
         remote_kv: RemoteKV | None = None,
         first_token: TokenLogprob | None = None,
         hold_kv: bool = False,
-    ) -> asyncio.Queue:
-        """Validates and queues a request; returns the queue its outputs arrive on.
+        sink: Sink | None = None,
+    ) -> Sink:
+        """Validates and queues a request; returns where its outputs arrive (``sink``, or a new asyncio.Queue).
 
         Items: RequestOutput, then (when ``hold_kv``) a Finished with the held block ids,
         or an exception if the engine failed.
@@ -106,7 +116,7 @@ class EngineLoop:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
         if len(self._streams) >= self.engine.config.scheduler.max_waiting + self.engine.config.scheduler.max_num_seqs:
             raise QueueFullError(f"{len(self._streams)} requests in flight; try again later")
-        stream: asyncio.Queue = asyncio.Queue()
+        stream = asyncio.Queue() if sink is None else sink
         self._streams[request_id] = stream
         self._post(("add", request_id, prompt_token_ids, params, remote_kv, first_token, hold_kv))
         return stream
@@ -137,6 +147,7 @@ class EngineLoop:
             while not self._stopping:
                 self._apply_commands()
                 if not self.engine.has_unfinished:
+                    self._hand_over()
                     self._publish_stats()
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
@@ -146,6 +157,7 @@ class EngineLoop:
                     self._start_kv_load(load)
                 for out in result.outputs:
                     self._deliver(out)
+                self._hand_over()
                 events = self.engine.block_pool.drain_kv_events()
                 if events and self.on_kv_events is not None:
                     self._loop.call_soon_threadsafe(self.on_kv_events, events)
@@ -154,7 +166,8 @@ class EngineLoop:
             log.exception("engine loop failed")
             self.error = exc
             for request_id in list(self._streams):
-                self._send(request_id, exc)
+                self._send(request_id, exc, last=True)
+            self._hand_over()
 
     def _apply_commands(self) -> None:
         while True:
@@ -170,7 +183,7 @@ class EngineLoop:
                 try:
                     self.engine.enqueue(request_id, prompt, params, remote_kv=remote_kv, first_token=first_token, hold_kv=hold_kv)
                 except (InvalidRequestError, QueueFullError) as exc:
-                    self._send(request_id, exc)
+                    self._send(request_id, exc, last=True)
             elif kind == "abort":
                 self.engine.abort(request_id)
             elif kind == "kv_loaded":
@@ -185,18 +198,34 @@ class EngineLoop:
         asyncio.run_coroutine_threadsafe(self.on_kv_load(load), self._loop)
 
     def _deliver(self, out: RequestOutput) -> None:
-        self._send(out.request_id, out)
-        if out.finished:
-            held = self.engine.scheduler.held.get(out.request_id)
-            if held is not None:
-                self._send(out.request_id, Finished(self.engine.get_block_ids(out.request_id)))
-            self.num_finished += 1
-            self._loop.call_soon_threadsafe(self._streams.pop, out.request_id, None)
+        if not out.finished:
+            self._send(out.request_id, out)
+            return
+        held = self.engine.scheduler.held.get(out.request_id)
+        if held is None:
+            self._send(out.request_id, out, last=True)
+        else:
+            self._send(out.request_id, out)
+            self._send(out.request_id, Finished(self.engine.get_block_ids(out.request_id)), last=True)
+        self.num_finished += 1
 
-    def _send(self, request_id: str, item: object) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            self._loop.call_soon_threadsafe(stream.put_nowait, item)
+    def _send(self, request_id: str, item: object, last: bool = False) -> None:
+        self._outbox.append((request_id, item, last))
+
+    def _hand_over(self) -> None:
+        """What this pass made goes to the event loop in one call (a wake-up of the loop costs a syscall)."""
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            self._loop.call_soon_threadsafe(self._put, batch)
+
+    def _put(self, batch: list[tuple[str, object, bool]]) -> None:
+        """On the event loop: an aborted request's stream is gone, and its items go nowhere."""
+        for request_id, item, last in batch:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.put_nowait(item)
+                if last:
+                    del self._streams[request_id]
 
     def _publish_stats(self) -> None:
         s, pool = self.engine.scheduler, self.engine.block_pool

@@ -166,7 +166,10 @@ async def serve_worker(config: WorkerConfig, listen: Listen, tls: TLSConfig | No
     if config.role == "prefill":
         await asyncio.gather(host.server.stop(listen.drain_seconds), service.drain())
     else:
-        await host.server.stop(listen.drain_seconds)
+        # Routers keep writing on their streams while their requests finish (a cancel when a
+        # client leaves); a stopping server would fail those writes, so it stops after them.
+        await service.drain(listen.drain_seconds)
+        await host.server.stop(1.0)
         await service.close()
     await runtime.stop()
 

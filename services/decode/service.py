@@ -10,10 +10,11 @@ import grpc
 from splitserve.engine.scheduler import KVLoad, RemoteKV
 from splitserve.kvtransfer import KVTransferError, PeerDisconnectedError, TransferTimeoutError
 from splitserve.parallel import RankFailedError
-from splitserve.services.convert import FINISH_TO_PROTO, token_logprob_from_proto, token_logprob_to_proto
+from splitserve.services.convert import token_logprob_from_proto
+from splitserve.services.decode.session import RouterSession
 from splitserve.services.security import ChannelSecurity, dial
 from splitserve.services.worker import WorkerRuntime, peer_from_proto
-from splitserve.services.worker_calls import accept, next_output, run_engine_request
+from splitserve.services.worker_calls import RequestFailed, parse, submit
 from splitserve.v1 import worker_pb2 as worker_pb
 from splitserve.v1 import worker_pb2_grpc
 
@@ -33,13 +34,27 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.num_kv_bytes = 0
         self.num_local_prefills = 0
         self.num_transfer_failures = 0
+        self.draining = False
+        self._sessions: set[RouterSession] = set()
 
     async def start(self) -> None:
         self.runtime.spawn(self._reclaim())
 
-    async def Decode(self, request: worker_pb.DecodeRequest, context):
-        request_id, prompt, params = await accept(request.request, context)
-        loop = self.runtime.loop
+    async def Decode(self, commands, context):
+        session = RouterSession(self)
+        self._sessions.add(session)
+        try:
+            async for message in session.run(commands):
+                yield message
+        finally:
+            self._sessions.discard(session)
+
+    async def start_request(self, request: worker_pb.DecodeRequest, sink, still_wanted) -> None:
+        """Checks a request, sets up its KV source and submits it; raises RequestFailed.
+
+        ``still_wanted()`` says whether the router still wants it after the handshake wait.
+        """
+        request_id, prompt, params = parse(request.request)
         kv = request.kv if request.HasField("kv") else None
         if kv is not None:
             try:
@@ -50,6 +65,10 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 self.runtime.metrics.error("kv_peer_refused")
                 asyncio.ensure_future(self._release_remote(kv, request_id))
                 kv = None
+            if not still_wanted():
+                if kv is not None:
+                    asyncio.ensure_future(self._release_remote(kv, request_id))
+                return
         # The first token was sampled by the prefill worker (and already streamed): decode continues after it.
         first = token_logprob_from_proto(request.first_token, True) if request.HasField("first_token") else None
         remote = None
@@ -58,38 +77,35 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             remote = RemoteKV(list(kv.block_ids), kv.num_tokens)
         else:
             self.num_local_prefills += 1
-        submit = lambda: loop.submit(request_id, prompt, params, remote_kv=remote, first_token=first)  # noqa: E731
-        stream = await run_engine_request(self.runtime, context, submit)
-        finished = False
-        itl, last = self.runtime.metrics.itl.labels("decode"), time.perf_counter()
+        loop = self.runtime.loop
         try:
-            while not finished:
-                outs = [await next_output(stream, context)]
-                # Tokens of several steps wait here when the router reads slower than the engine
-                # makes them: send them in one message, so the cost per token falls under load.
-                while not outs[-1].finished and not stream.empty():
-                    outs.append(await next_output(stream, context))
-                now = time.perf_counter()
-                itl.observe(now - last)
-                last = now
-                out = outs[-1]
-                finished = out.finished
-                tokens = [
-                    token_logprob_to_proto(t, o.new_logprobs[i] if i < len(o.new_logprobs) else None)
-                    for o in outs
-                    for i, t in enumerate(o.new_token_ids)
-                ]
-                yield worker_pb.DecodeResponse(
-                    tokens=tokens,
-                    finish_reason=FINISH_TO_PROTO[out.finish_reason],
-                    num_cached_tokens=max(request.num_cached_tokens, out.num_cached_tokens),
-                )
-        finally:
-            if not finished:  # cancelled by the router (stop string, client gone) or an error
-                loop.abort(request_id)
-                kv = self._handles.pop(request_id, None)
-                if kv is not None:
-                    asyncio.ensure_future(self._release_remote(kv, request_id))
+            submit(self.runtime, lambda: loop.submit(request_id, prompt, params, remote_kv=remote, first_token=first, sink=sink))
+        except RequestFailed as e:
+            # Nothing was read: the KV stays pinned where it is, for another decode worker to take.
+            e.refused = remote is not None or not request.HasField("kv")
+            self._handles.pop(request_id, None)
+            raise
+
+    def abort(self, request_id: str) -> None:
+        """The request ends before finishing (cancelled, failed, its router gone): free its blocks here and there."""
+        self.runtime.loop.abort(request_id)
+        self.forget(request_id)
+
+    def forget(self, request_id: str) -> None:
+        """The request is done here; a prefill worker still holding its KV (never read: all of it was cached here) lets go."""
+        kv = self._handles.pop(request_id, None)
+        if kv is not None:
+            asyncio.ensure_future(self._release_remote(kv, request_id))
+
+    async def drain(self, timeout: float) -> None:
+        """On shutdown: each router is told, new requests are refused, and each router closes its
+        stream once its requests are done; returns when all have ended, or after ``timeout`` seconds."""
+        self.draining = True
+        for session in self._sessions:
+            session.wake.set()
+        deadline = time.monotonic() + timeout
+        while self._sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     async def _ensure_peer(self, kv: worker_pb.KVHandle) -> None:
         """Adds the prefill worker's agents once per incarnation (its agent name changes on restart)."""

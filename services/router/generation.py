@@ -15,6 +15,7 @@ from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.prefix_hash import hash_request_tokens
 from splitserve.logs import request_id_var
 from splitserve.services.metrics import ServiceMetrics
+from splitserve.services.router.decode_streams import DecodeFailed
 from splitserve.services.router.detokenizer import IncrementalDetokenizer
 from splitserve.services.router.request_input import ModelLimits, PreparedRequest, prepare
 from splitserve.services.router.routing import RoutingPolicy, should_skip_prefill
@@ -111,18 +112,26 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         except InvalidRequestError as e:
             self.metrics.error("invalid_argument")
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field) from None
-        deadline = None if timeout is None else time.monotonic() + timeout
+        # One deadline for the whole path, the earlier of the request's timeout_seconds and the
+        # call's own. It ends each wait from inside (a worker call's timeout, a timer on the decode
+        # stream), never by cancelling the task: a cancel landing while the stream is suspended in
+        # a write to the client would skip this generator and leave the client without a status.
+        limits = [t for t in (prepared.timeout_seconds, timeout) if t is not None]
+        deadline = time.monotonic() + min(limits) if limits else None
         request_id_var.set(prepared.engine_request.request_id)
         self.num_inflight += 1
         outcome = "error"
         try:
-            async with asyncio.timeout(prepared.timeout_seconds):
-                async for message in self._generate(prepared, deadline):
-                    yield message
+            async for message in self._generate(prepared, deadline):
+                yield message
             outcome = "ok"
-        except TimeoutError:
+        except GenerateError as e:
+            if e.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
             outcome = "deadline"
-            raise GenerateError(grpc.StatusCode.DEADLINE_EXCEEDED, f"request timed out after {prepared.timeout_seconds}s") from None
+            if prepared.timeout_seconds is not None and (timeout is None or prepared.timeout_seconds <= timeout):
+                raise GenerateError(e.code, f"request timed out after {prepared.timeout_seconds}s") from None
+            raise GenerateError(e.code, "the call's deadline passed") from None
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"
             raise
@@ -199,22 +208,54 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 asyncio.ensure_future(self._release(prefill[1], engine_request.request_id))
 
     async def _decode(self, decode_request, prepared, detok, deadline, start, progress: DecodeProgress):
-        """Streams the decode worker's tokens as Delta responses, keeping ``progress`` current."""
+        """Streams the decode worker's tokens as Delta responses, keeping ``progress`` current.
+
+        A decode worker that refuses the request untouched (it is draining, or full) is set
+        aside and another one gets it; the prefill worker's KV is still pinned for it.
+        """
+        num_blocks = -(-(len(prepared.engine_request.prompt_token_ids) + 1) // self.settings.block_size)
+        tried: set[str] = set()
+        while True:
+            candidates = [w for w in await self.workers.live("decode") if w.info.worker_id not in tried]
+            if not candidates:
+                raise GenerateError(grpc.StatusCode.UNAVAILABLE, "no decode worker is available")
+            decision = self.policy.pick_decode(candidates, num_blocks, prepared.engine_request.request_id.encode())
+            log.info("decode on %s (%s)", decision.worker_id, decision.reason)
+            self.metrics.routing.labels("decode", decision.policy, decision.reason).inc()
+            try:
+                async for delta in self._decode_on(decision, num_blocks, decode_request, prepared, detok, deadline, start, progress):
+                    yield delta
+                return
+            except DecodeFailed as e:  # refused untouched: try another
+                log.info("decode worker %s refused the request (%s); trying another", decision.worker_id, e)
+                self.workers.mark_failed(decision.worker_id)
+                tried.add(decision.worker_id)
+
+    async def _decode_on(self, decision, num_blocks, decode_request, prepared, detok, deadline, start, progress: DecodeProgress):
+        """``_decode`` on one worker; raises DecodeFailed only for a refusal before anything arrived from it."""
         with_logprobs = prepared.engine_request.logprobs or prepared.engine_request.top_logprobs > 0
         first_from_decode = progress.num_tokens == 0
-        candidates = await self.workers.live("decode")
-        if not candidates:
-            raise GenerateError(grpc.StatusCode.UNAVAILABLE, "no decode worker is available")
-        num_blocks = -(-(len(prepared.engine_request.prompt_token_ids) + 1) // self.settings.block_size)
-        decision = self.policy.pick_decode(candidates, num_blocks, prepared.engine_request.request_id.encode())
-        log.info("decode on %s (%s)", decision.worker_id, decision.reason)
-        self.metrics.routing.labels("decode", decision.policy, decision.reason).inc()
-        call = self.workers.decode_stub(decision.address).Decode(decode_request, timeout=self._timeout(deadline))
+        received = False
+        try:
+            updates = self.workers.decode_stream(decision.address).start(decode_request)
+        except DecodeFailed as e:
+            if e.refused:
+                raise
+            raise GenerateError(e.code, e.details) from None
+        expiry = None
+        if deadline is not None:
+            expiry = asyncio.get_running_loop().call_later(
+                self._timeout(deadline), updates.fail, DecodeFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed")
+            )
         last = time.perf_counter()
         tracked = self.workers.index.track(decision.worker_id, num_blocks=num_blocks)
         tracked.__enter__()
         try:
-            async for response in call:
+            while progress.finish == gen_pb.FINISH_REASON_UNSPECIFIED:
+                # All that arrived since the last read, one message's worth to the client: when
+                # the router falls behind, a request's tokens of several steps go out together.
+                batch = await updates.next()
+                received = progress.taken = True
                 now = time.perf_counter()
                 if first_from_decode:
                     self._ttft.observe(now - start)
@@ -222,28 +263,32 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 else:
                     self._itl.observe(now - last)
                 last = now
-                progress.taken = True
-                progress.num_cached = max(progress.num_cached, response.num_cached_tokens)
-                # Under load one message carries several steps' tokens; a stop string may end
-                # the output inside it, and the tokens after that one are not part of it.
-                delta = self._delta(detok, list(response.tokens), with_logprobs)
+                tokens = [t for update in batch for t in update.tokens]
+                progress.num_cached = max(progress.num_cached, *(u.num_cached_tokens for u in batch))
+                # A stop string may end the output inside the batch; the tokens after it are not part of it.
+                delta = self._delta(detok, tokens, with_logprobs)
                 progress.num_tokens += len(delta.delta.token_ids)
                 if delta.delta.text or delta.delta.token_ids:
                     yield delta
                 if detok.matched_stop is not None:
                     progress.finish = gen_pb.FINISH_REASON_STOP
-                    break
-                if response.finish_reason != gen_pb.FINISH_REASON_UNSPECIFIED:
-                    progress.finish = response.finish_reason
-                    break
-        except grpc.aio.AioRpcError as e:
+                elif batch[-1].finish_reason != gen_pb.FINISH_REASON_UNSPECIFIED:
+                    progress.finish = batch[-1].finish_reason
+        except DecodeFailed as e:
+            if e.refused and not received and e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                raise
+            if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise GenerateError(e.code, e.details) from None
             self.metrics.error("decode_worker_failed")
-            self.workers.mark_failed(decision.worker_id)
-            code = e.code() if e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED) else grpc.StatusCode.UNAVAILABLE
-            raise GenerateError(code, f"decode worker {decision.worker_id} failed: {e.code().name}: {e.details()}") from None
+            if e.code != grpc.StatusCode.INVALID_ARGUMENT:  # the request's own fault is not the worker's
+                self.workers.mark_failed(decision.worker_id)
+            code = e.code if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED) else grpc.StatusCode.UNAVAILABLE
+            raise GenerateError(code, f"decode worker {decision.worker_id} failed: {e.code.name}: {e.details}") from None
         finally:
+            if expiry is not None:
+                expiry.cancel()
             tracked.__exit__(None, None, None)
-            call.cancel()  # a stop string ended it early, or the client left: the decode worker frees its blocks
+            updates.cancel()  # a stop string ended it early, or the client left: the decode worker frees its blocks
         progress.taken = True
 
     def _delta(self, detok: IncrementalDetokenizer, tokens, with_logprobs: bool) -> gen_pb.GenerateResponse:

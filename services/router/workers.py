@@ -7,6 +7,7 @@ import time
 import grpc
 
 from splitserve.controlplane import ControlPlane, LiveWorker
+from splitserve.services.router.decode_streams import DecodeStream
 from splitserve.services.router.index import RouterIndex
 from splitserve.services.security import ChannelSecurity, dial
 from splitserve.v1 import worker_pb2_grpc
@@ -14,12 +15,13 @@ from splitserve.v1 import worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 
-# A decode stream is tens of bytes per token. With HTTP/2's default windows (64 KiB, grown
-# further by BDP probing) thousands of them queue per stream when the router reads slower than
-# the worker writes, and the worker never notices. A 1 KiB window stops it after a few dozen,
-# so its stream backs up and it sends the waiting tokens in one message (services/decode),
-# which is what lets a busy router catch up.
-DECODE_CHANNEL_OPTIONS = (("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0))
+# One Decode stream carries all of this router's requests on a worker, one message per engine
+# step or more. With HTTP/2's default windows (64 KiB, grown further by BDP probing) many such
+# messages queue per stream when the router reads slower than the worker writes, and the worker
+# never notices. A 16 KiB window stops it after a few steps, so its stream backs up and it
+# merges the waiting steps into one message (services/decode/session.py), which is what lets
+# a busy router catch up.
+DECODE_CHANNEL_OPTIONS = (("grpc.http2.lookahead_bytes", 16 << 10), ("grpc.http2.bdp_probe", 0))
 
 
 class WorkerDirectory:
@@ -43,6 +45,7 @@ class WorkerDirectory:
         self.security = security
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._failed_at: dict[str, float] = {}
+        self._decode_streams: dict[str, DecodeStream] = {}
 
     async def live(self, role: str) -> list[LiveWorker]:
         now = time.monotonic()
@@ -77,10 +80,18 @@ class WorkerDirectory:
     def prefill_stub(self, address: str) -> worker_pb2_grpc.PrefillWorkerStub:
         return worker_pb2_grpc.PrefillWorkerStub(self.channel(address))
 
-    def decode_stub(self, address: str) -> worker_pb2_grpc.DecodeWorkerStub:
-        return worker_pb2_grpc.DecodeWorkerStub(self.channel(address, DECODE_CHANNEL_OPTIONS))
+    def decode_stream(self, address: str) -> DecodeStream:
+        """This router's Decode stream to the worker at ``address``; a new one when the last has ended."""
+        stream = self._decode_streams.get(address)
+        if stream is None or stream.closed:
+            stub = worker_pb2_grpc.DecodeWorkerStub(self.channel(address, DECODE_CHANNEL_OPTIONS))
+            stream = self._decode_streams[address] = DecodeStream(stub, address)
+        return stream
 
     async def close(self) -> None:
+        for stream in self._decode_streams.values():
+            await stream.close()
+        self._decode_streams.clear()
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()

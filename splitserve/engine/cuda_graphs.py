@@ -117,6 +117,16 @@ class DecodeCUDAGraphs:
         hidden = self.model(h[0, :bucket], h[1, :bucket], self.kv_cache, meta, self.backend)
         return self.model.compute_logits(hidden)
 
+    def release(self) -> None:
+        """Frees every graph. A graph that captured collectives holds its NCCL communicator:
+        destroying the process group waits for such graphs to go (NCCL >= 2.26), forever."""
+        for graph in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()
+        self._logits.clear()
+        self._pool = None
+        torch.cuda.synchronize()
+
     def _capture(self, bucket: int) -> None:
         # Warm-up and capture run for real: make every row padding so they touch no KV block.
         self._copied.synchronize()

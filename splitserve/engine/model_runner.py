@@ -49,6 +49,12 @@ class ModelRunner:
         if self.device.type == "cuda" and self.device.index is not None:  # plain "cuda": the current one
             torch.cuda.set_device(self.device)
 
+    def release_graphs(self) -> None:
+        """Drops the decode graphs (before a TP group is destroyed: see DecodeCUDAGraphs.release)."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     @staticmethod
     def _peek_max_len(model_config: ModelConfig) -> int:
         from splitserve.models.arch import load_arch_config

@@ -6,7 +6,9 @@ rendezvous store on a free loopback port; collectives run over NCCL on GPUs and 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -15,6 +17,8 @@ import torch.distributed as dist
 
 from splitserve.config import CacheConfig, ConfigError, ModelConfig
 from splitserve.models.layers import TPGroup
+
+log = logging.getLogger(__name__)
 
 
 class RankFailedError(RuntimeError):
@@ -134,6 +138,13 @@ def abort_group() -> None:
         abort()
 
 
-def destroy_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_group(timeout: float = 30.0) -> None:
+    """Destroys the process group, giving up after ``timeout`` seconds (a teardown stuck on a
+    peer must not keep the process from exiting). Release CUDA graphs first (ModelRunner.release_graphs)."""
+    if not dist.is_initialized():
+        return
+    done = threading.Thread(target=dist.destroy_process_group, name="tp-destroy-group", daemon=True)
+    done.start()
+    done.join(timeout)
+    if done.is_alive():
+        log.warning("destroying the process group did not finish in %.0f s; leaving it", timeout)

@@ -39,6 +39,7 @@ def main() -> None:
 
 def run_rank(spec: RankSpec, channel: p.Channel) -> None:
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s %(levelname)s rank{spec.rank} %(name)s: %(message)s")
+    runner = None
     try:
         tp = init_group(spec)
         runner = ModelRunner(spec.model, spec.cache, tp)
@@ -61,6 +62,8 @@ def run_rank(spec: RankSpec, channel: p.Channel) -> None:
         except OSError:
             pass
         raise SystemExit(1) from None
+    if runner is not None:
+        runner.release_graphs()  # or destroying the group waits on them forever (NCCL)
     destroy_group()
 
 

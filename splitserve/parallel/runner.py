@@ -249,6 +249,8 @@ class TPModelRunner:
     def close(self) -> None:
         """Shuts the other ranks down (SHUTDOWN, then terminate what lingers)."""
         self._closing = True
+        if self.error is None:  # a failed group's device may not settle; the teardown below is bounded anyway
+            self.local.release_graphs()  # every rank drops its graphs before the group goes (NCCL waits on them)
         for handle in self.ranks:
             try:
                 handle.channel.send(p.SHUTDOWN)
@@ -273,16 +275,17 @@ class TPModelRunner:
             self.error = RankFailedError(f"tensor-parallel group failed: {reason}")
             self._failed.set()
         log.error("%s", self.error)
-        for handle in self.ranks:
-            handle.fail_pending(self.error)
-            handle.steps_done.put(False)  # wakes a step (or the start) waiting on this rank
-            handle.ready.put(False)
-        threading.Thread(target=self._end_group, name="tp-group-teardown", daemon=True).start()
+        # Announced before any waiting step is woken: whoever sees the step fail can rely on it.
         for callback in self._failure_callbacks:
             try:
                 callback(self.error)
             except Exception:  # noqa: BLE001 - one bad callback must not hide the failure from the rest
                 log.exception("TP failure callback failed")
+        for handle in self.ranks:
+            handle.fail_pending(self.error)
+            handle.steps_done.put(False)  # wakes a step (or the start) waiting on this rank
+            handle.ready.put(False)
+        threading.Thread(target=self._end_group, name="tp-group-teardown", daemon=True).start()
 
     def _cause_of(self, error: Exception) -> str:
         """Rank 0's collective failed: usually because a rank died, which is the better reason."""
@@ -298,6 +301,7 @@ class TPModelRunner:
     def _end_group(self) -> None:
         abort_group()  # collectives of rank 0 stuck on the dead rank return with an error
         self._terminate_ranks()
+        # The graphs are released at close(): the engine thread may still be replaying one here.
 
     def _terminate_ranks(self) -> None:
         for handle in self.ranks:

@@ -281,10 +281,10 @@ class DecodeWorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Decode = channel.unary_stream(
+        self.Decode = channel.stream_stream(
                 '/splitserve.v1.DecodeWorker/Decode',
-                request_serializer=splitserve_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=splitserve_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+                request_serializer=splitserve_dot_v1_dot_worker__pb2.DecodeCommand.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_worker__pb2.DecodeUpdates.FromString,
                 _registered_method=True)
         self.GetTransferMetadata = channel.unary_unary(
                 '/splitserve.v1.DecodeWorker/GetTransferMetadata',
@@ -301,9 +301,12 @@ class DecodeWorkerStub:
 class DecodeWorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Decode(self, request, context):
-        """Pulls the KV named by the handle (or prefills locally when there is none)
-        and streams the generated tokens. Cancelling the call frees the request's blocks.
+    def Decode(self, request_iterator, context):
+        """One stream per router: the router starts and cancels requests on it. For each request
+        the worker pulls the KV named by its handle (or prefills locally when there is none);
+        each message back carries what the engine made since the last one for every request on
+        the stream, so a message costs per step, not per token. The stream ending, from either
+        side, ends every request on it and frees their blocks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -324,10 +327,10 @@ class DecodeWorkerServicer:
 
 def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Decode': grpc.unary_stream_rpc_method_handler(
+            'Decode': grpc.stream_stream_rpc_method_handler(
                     servicer.Decode,
-                    request_deserializer=splitserve_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
-                    response_serializer=splitserve_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
+                    request_deserializer=splitserve_dot_v1_dot_worker__pb2.DecodeCommand.FromString,
+                    response_serializer=splitserve_dot_v1_dot_worker__pb2.DecodeUpdates.SerializeToString,
             ),
             'GetTransferMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTransferMetadata,
@@ -351,7 +354,7 @@ class DecodeWorker:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Decode(request,
+    def Decode(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -361,12 +364,12 @@ class DecodeWorker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/splitserve.v1.DecodeWorker/Decode',
-            splitserve_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
-            splitserve_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+            splitserve_dot_v1_dot_worker__pb2.DecodeCommand.SerializeToString,
+            splitserve_dot_v1_dot_worker__pb2.DecodeUpdates.FromString,
             options,
             channel_credentials,
             insecure,

@@ -144,6 +144,33 @@ def test_sigterm_drains_in_flight_requests(start_cluster):
     assert decode.proc.wait(timeout=30) == 0
 
 
+def test_requests_sent_while_a_decode_worker_drains_finish_on_another(start_cluster):
+    """Until the router's list drops the draining worker, its Decode stream says it is draining,
+    and the router sends new requests to the other decode worker instead of failing them."""
+    cluster = start_cluster()
+    draining, _ = cluster.add_workers(("decode", "decode-0"), ("decode", "decode-1"))
+
+    async def run():
+        client = AsyncClient(cluster.address)
+        try:
+            first = [asyncio.ensure_future(client.complete(list(range(3, 30)), max_tokens=200, ignore_eos=True, timeout=60))
+                     for _ in range(4)]
+            await asyncio.sleep(1.0)
+            draining.signal(signal.SIGTERM)
+            later = []
+            for _ in range(10):
+                later.append(asyncio.ensure_future(client.complete(list(range(5, 20)), max_tokens=20, ignore_eos=True, timeout=60)))
+                await asyncio.sleep(0.1)
+            return await asyncio.gather(*first), await asyncio.gather(*later)
+        finally:
+            await client.close()
+
+    first, later = asyncio.run(run())
+    assert [r.completion_tokens for r in first] == [200] * 4
+    assert [r.completion_tokens for r in later] == [20] * 10
+    assert draining.proc.wait(timeout=30) == 0
+
+
 def test_sigterm_on_prefill_stops_taking_work_and_lets_go_of_pinned_kv(start_cluster):
     cluster = start_cluster(worker_args=["--lease-seconds", "120"])
     prefill, second = cluster.add_workers(("prefill", "prefill-0"), ("prefill", "prefill-1"))

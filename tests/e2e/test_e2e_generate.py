@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import grpc
 import pytest
@@ -221,27 +222,74 @@ def test_seeded_sampling_through_prefill_and_decode_matches_one_engine(cluster, 
 
 def test_a_decode_stream_read_slowly_batches_its_tokens_and_stays_exact(cluster, reference):
     """Read on a channel set up as the router's decode channels are: when the reader falls
-    behind, the decode worker's stream backs up and it sends the waiting tokens together —
-    the same tokens, in fewer messages (with default HTTP/2 windows it sent one per token)."""
+    behind, the decode worker's stream backs up and it merges the waiting steps into one
+    message — the same tokens, in fewer messages than steps (with gRPC's default HTTP/2
+    windows every step went out on its own, however far behind the reader was)."""
     from splitserve.services.router.workers import DECODE_CHANNEL_OPTIONS
     from splitserve.v1 import worker_pb2 as worker_pb
     from splitserve.v1 import worker_pb2_grpc
 
     decode = next(w for w in cluster.workers if w.role == "decode")
-    prompt, max_tokens = list(range(7, 40)), 300
+    prompt, max_tokens, num_requests = list(range(7, 40)), 150, 16
 
-    async def read_slowly() -> tuple[list[int], int]:
+    async def read_slowly() -> tuple[dict[str, list[int]], int]:
         async with grpc.aio.insecure_channel(decode.address, options=list(DECODE_CHANNEL_OPTIONS)) as channel:
-            request = worker_pb.DecodeRequest(request=worker_pb.EngineRequest(
-                request_id="slow-reader", prompt_token_ids=prompt, max_tokens=max_tokens, ignore_eos=True))
-            tokens, messages = [], 0
-            async for response in worker_pb2_grpc.DecodeWorkerStub(channel).Decode(request, timeout=120):
-                tokens += [t.token_id for t in response.tokens]
+            # Closing our side after the starts is fine: the stream ends when its requests do.
+            commands = iter([
+                worker_pb.DecodeCommand(start=worker_pb.DecodeRequest(request=worker_pb.EngineRequest(
+                    request_id=f"slow-{i}", prompt_token_ids=prompt, max_tokens=max_tokens, ignore_eos=True)))
+                for i in range(num_requests)
+            ])
+            tokens: dict[str, list[int]] = {f"slow-{i}": [] for i in range(num_requests)}
+            messages = 0
+            async for message in worker_pb2_grpc.DecodeWorkerStub(channel).Decode(commands, timeout=120):
+                for update in message.updates:
+                    assert not update.error_code, update
+                    tokens[update.request_id] += [t.token_id for t in update.tokens]
                 messages += 1
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.1)
             return tokens, messages
 
     tokens, messages = asyncio.run(read_slowly())
+    expected = reference(prompt, max_tokens)
+    assert all(t == expected for t in tokens.values()), {r: len(t) for r, t in tokens.items()}
+    assert messages < max_tokens / 2, f"{max_tokens} steps came in {messages} messages"
+    _assert_blocks_all_free(cluster)
+
+
+def test_a_client_that_reads_slowly_gets_several_tokens_per_message_exactly(cluster, reference):
+    """The router sends a request what arrived for it since its last message, all at once: a
+    client that falls behind gets fewer, larger messages, and the same tokens."""
+    prompt, max_tokens = list(range(9, 42)), 300
+    options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]  # a client that backs up soon
+    with grpc.insecure_channel(cluster.address, options=options) as channel:
+        call = generation_pb2_grpc.GenerationStub(channel).Generate(build_request(prompt, max_tokens=max_tokens, ignore_eos=True), timeout=120)
+        tokens, messages = [], 0
+        for response in call:
+            if response.HasField("delta"):
+                tokens += response.delta.token_ids
+                messages += 1
+                time.sleep(0.02)
     assert tokens == reference(prompt, max_tokens)
     assert messages < max_tokens / 2, f"{max_tokens} tokens came in {messages} messages"
+    _assert_blocks_all_free(cluster)
+
+
+def test_a_request_timeout_that_passes_while_the_client_is_not_reading_still_ends_the_call(cluster):
+    """timeout_seconds passes while the router waits to write to a client that is not reading:
+    once it reads, the call ends DEADLINE_EXCEEDED with the router's own message (the router's
+    handler was not cancelled in mid-write, which left the call without a status)."""
+    options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    with grpc.insecure_channel(cluster.address, options=options) as channel:
+        request = build_request(list(range(9, 42)), max_tokens=500, ignore_eos=True, timeout_seconds=1.0)
+        call = generation_pb2_grpc.GenerationStub(channel).Generate(request, timeout=60)
+        started = time.monotonic()
+        next(call)
+        time.sleep(2.0)  # the window fills and the router's write waits past the request's timeout
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in call:
+                pass
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "timed out after 1.0s" in info.value.details()
+    assert time.monotonic() - started < 30
     _assert_blocks_all_free(cluster)
