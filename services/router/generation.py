@@ -208,54 +208,17 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 asyncio.ensure_future(self._release(prefill[1], engine_request.request_id))
 
     async def _decode(self, decode_request, prepared, detok, deadline, start, progress: DecodeProgress):
-        """Streams the decode worker's tokens as Delta responses, keeping ``progress`` current.
-
-        A decode worker that refuses the request untouched (it is draining, or full) is set
-        aside and another one gets it; the prefill worker's KV is still pinned for it.
-        """
-        num_blocks = -(-(len(prepared.engine_request.prompt_token_ids) + 1) // self.settings.block_size)
-        tried: set[str] = set()
-        while True:
-            candidates = [w for w in await self.workers.live("decode") if w.info.worker_id not in tried]
-            if not candidates:
-                raise GenerateError(grpc.StatusCode.UNAVAILABLE, "no decode worker is available")
-            decision = self.policy.pick_decode(candidates, num_blocks, prepared.engine_request.request_id.encode())
-            log.info("decode on %s (%s)", decision.worker_id, decision.reason)
-            self.metrics.routing.labels("decode", decision.policy, decision.reason).inc()
-            try:
-                async for delta in self._decode_on(decision, num_blocks, decode_request, prepared, detok, deadline, start, progress):
-                    yield delta
-                return
-            except DecodeFailed as e:  # refused untouched: try another
-                log.info("decode worker %s refused the request (%s); trying another", decision.worker_id, e)
-                self.workers.mark_failed(decision.worker_id)
-                tried.add(decision.worker_id)
-
-    async def _decode_on(self, decision, num_blocks, decode_request, prepared, detok, deadline, start, progress: DecodeProgress):
-        """``_decode`` on one worker; raises DecodeFailed only for a refusal before anything arrived from it."""
+        """Streams the decode worker's tokens as Delta responses, keeping ``progress`` current."""
         with_logprobs = prepared.engine_request.logprobs or prepared.engine_request.top_logprobs > 0
         first_from_decode = progress.num_tokens == 0
-        received = False
-        try:
-            updates = self.workers.decode_stream(decision.address).start(decode_request)
-        except DecodeFailed as e:
-            if e.refused:
-                raise
-            raise GenerateError(e.code, e.details) from None
-        expiry = None
-        if deadline is not None:
-            expiry = asyncio.get_running_loop().call_later(
-                self._timeout(deadline), updates.fail, DecodeFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed")
-            )
+        num_blocks = -(-(len(prepared.engine_request.prompt_token_ids) + 1) // self.settings.block_size)
+        decision, updates, expiry, batch = await self._open_decode(decode_request, prepared, num_blocks, deadline)
         last = time.perf_counter()
         tracked = self.workers.index.track(decision.worker_id, num_blocks=num_blocks)
         tracked.__enter__()
         try:
-            while progress.finish == gen_pb.FINISH_REASON_UNSPECIFIED:
-                # All that arrived since the last read, one message's worth to the client: when
-                # the router falls behind, a request's tokens of several steps go out together.
-                batch = await updates.next()
-                received = progress.taken = True
+            while True:
+                progress.taken = True
                 now = time.perf_counter()
                 if first_from_decode:
                     self._ttft.observe(now - start)
@@ -274,22 +237,68 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     progress.finish = gen_pb.FINISH_REASON_STOP
                 elif batch[-1].finish_reason != gen_pb.FINISH_REASON_UNSPECIFIED:
                     progress.finish = batch[-1].finish_reason
+                if progress.finish != gen_pb.FINISH_REASON_UNSPECIFIED:
+                    break
+                # All that arrived since the last read, one message's worth to the client: when
+                # the router falls behind, a request's tokens of several steps go out together.
+                batch = await updates.next()
         except DecodeFailed as e:
-            if e.refused and not received and e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                raise
-            if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise GenerateError(e.code, e.details) from None
-            self.metrics.error("decode_worker_failed")
-            if e.code != grpc.StatusCode.INVALID_ARGUMENT:  # the request's own fault is not the worker's
-                self.workers.mark_failed(decision.worker_id)
-            code = e.code if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED) else grpc.StatusCode.UNAVAILABLE
-            raise GenerateError(code, f"decode worker {decision.worker_id} failed: {e.code.name}: {e.details}") from None
+            raise self._decode_error(e, decision) from None
         finally:
-            if expiry is not None:
-                expiry.cancel()
+            expiry.cancel()
             tracked.__exit__(None, None, None)
             updates.cancel()  # a stop string ended it early, or the client left: the decode worker frees its blocks
         progress.taken = True
+
+    async def _open_decode(self, decode_request, prepared, num_blocks: int, deadline: float | None):
+        """Starts the request on a decode worker and waits for its first updates.
+
+        A worker that refuses it untouched (draining, or full) is set aside and another one
+        gets it; the prefill worker's KV is still pinned for it. Returns (decision, updates,
+        the deadline's timer, the first updates).
+        """
+        loop = asyncio.get_running_loop()
+        tried: set[str] = set()
+        while True:
+            candidates = [w for w in await self.workers.live("decode") if w.info.worker_id not in tried]
+            if not candidates:
+                raise GenerateError(grpc.StatusCode.UNAVAILABLE, "no decode worker is available")
+            decision = self.policy.pick_decode(candidates, num_blocks, prepared.engine_request.request_id.encode())
+            log.info("decode on %s (%s)", decision.worker_id, decision.reason)
+            self.metrics.routing.labels("decode", decision.policy, decision.reason).inc()
+            try:
+                updates = self.workers.decode_stream(decision.address).start(decode_request)
+            except DecodeFailed as e:
+                if not e.refused:
+                    raise GenerateError(e.code, e.details) from None
+                refusal = e
+            else:
+                expired = DecodeFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed")
+                expiry = loop.call_later(1e9 if deadline is None else self._timeout(deadline), updates.fail, expired)
+                try:
+                    return decision, updates, expiry, await updates.next()
+                except DecodeFailed as e:
+                    expiry.cancel()
+                    updates.cancel()
+                    if not (e.refused and e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)):
+                        raise self._decode_error(e, decision) from None
+                    refusal = e
+                except BaseException:
+                    expiry.cancel()
+                    updates.cancel()
+                    raise
+            log.info("decode worker %s refused the request (%s); trying another", decision.worker_id, refusal)
+            self.workers.mark_failed(decision.worker_id)
+            tried.add(decision.worker_id)
+
+    def _decode_error(self, e: DecodeFailed, decision) -> GenerateError:
+        if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return GenerateError(e.code, e.details)
+        self.metrics.error("decode_worker_failed")
+        if e.code != grpc.StatusCode.INVALID_ARGUMENT:  # the request's own fault is not the worker's
+            self.workers.mark_failed(decision.worker_id)
+        code = e.code if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED) else grpc.StatusCode.UNAVAILABLE
+        return GenerateError(code, f"decode worker {decision.worker_id} failed: {e.code.name}: {e.details}")
 
     def _delta(self, detok: IncrementalDetokenizer, tokens, with_logprobs: bool) -> gen_pb.GenerateResponse:
         """The text and tokens of ``tokens`` up to (and with) the one that completes a stop string."""
