@@ -8,7 +8,6 @@ a router that falls behind gets fewer, larger messages instead of a growing queu
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -22,8 +21,6 @@ from splitserve.v1 import worker_pb2 as worker_pb
 
 if TYPE_CHECKING:
     from splitserve.services.decode.service import DecodeService
-
-log = logging.getLogger(__name__)
 
 
 class RequestSink:
@@ -45,13 +42,12 @@ class RouterSession:
         self.outbox: dict[str, worker_pb.DecodeUpdate] = {}
         self.wake = asyncio.Event()
         self.router_done = False  # the router closed its side: end once the live requests are done (on draining, it does)
+        self._starts: set[asyncio.Task] = set()  # requests being set up (a KV handshake may wait)
         self._last_sent: dict[str, float] = {}
         self._itl = service.runtime.metrics.itl.labels("decode")
 
     async def run(self, commands: AsyncIterator[worker_pb.DecodeCommand]) -> AsyncIterator[worker_pb.DecodeUpdates]:
         reader = asyncio.ensure_future(self._read(commands))
-        starts: set[asyncio.Task] = set()
-        self._starts = starts
         told_draining = False
         try:
             while True:
@@ -64,11 +60,11 @@ class RouterSession:
                     told_draining = told_draining or tell_draining
                     yield worker_pb.DecodeUpdates(updates=updates.values(), draining=tell_draining)
                 # Only the router ends the stream: a write it made after the worker had ended it would fail the call.
-                if self.router_done and not self.live and not self.outbox and not starts:
+                if self.router_done and not self.live and not self.outbox and not self._starts:
                     return
         finally:
             reader.cancel()
-            for task in starts:
+            for task in list(self._starts):
                 task.cancel()
             for request_id in list(self.live):  # the stream ended under them: the router is gone
                 self.end(request_id)
@@ -128,10 +124,11 @@ class RouterSession:
 
     def end(self, request_id: str) -> None:
         """Cancelled, failed or orphaned before it finished: the engine drops it and the prefill worker lets go."""
-        if self.live.pop(request_id, None) is not None or request_id in self.outbox:
-            self.outbox.pop(request_id, None)
-            self._last_sent.pop(request_id, None)
-            self.service.abort(request_id)
+        if self.live.pop(request_id, None) is None:
+            return  # finished already (its last update may still be on its way: the router ignores it)
+        self.outbox.pop(request_id, None)
+        self._last_sent.pop(request_id, None)
+        self.service.abort(request_id)
 
     def _fail(self, request_id: str, failure: RequestFailed) -> None:
         self.end(request_id)

@@ -33,13 +33,16 @@ class DecodeFailed(Exception):
 class DecodeUpdates:
     """One request's updates, as they arrive; ``next()`` returns all that are waiting."""
 
-    __slots__ = ("stream", "request_id", "_pending", "_ready", "_error")
+    __slots__ = ("stream", "request_id", "_pending", "_ready", "_error", "_expiry")
 
-    def __init__(self, stream: DecodeStream, request_id: str) -> None:
+    def __init__(self, stream: DecodeStream, request_id: str, timeout: float | None) -> None:
         self.stream, self.request_id = stream, request_id
         self._pending: list[worker_pb.DecodeUpdate] = []
         self._ready = asyncio.Event()
         self._error: DecodeFailed | None = None
+        self._expiry = None if timeout is None else asyncio.get_running_loop().call_later(
+            timeout, self.fail, DecodeFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed")
+        )
 
     def add(self, update: worker_pb.DecodeUpdate) -> None:
         self._pending.append(update)
@@ -63,7 +66,10 @@ class DecodeUpdates:
         return updates
 
     def cancel(self) -> None:
-        """The router is done with it (a stop string, its client gone): the worker frees it unless it has finished it."""
+        """The router is done with it (finished, a stop string, its client gone, a refusal): the
+        worker frees it unless it has finished it, and its deadline is off."""
+        if self._expiry is not None:
+            self._expiry.cancel()
         self.stream.cancel(self.request_id)
 
 
@@ -77,15 +83,16 @@ class DecodeStream:
         self._call = stub.Decode(self._outgoing())
         self._reader = asyncio.ensure_future(self._read())
 
-    def start(self, request: worker_pb.DecodeRequest) -> DecodeUpdates:
-        """Sends the request; raises DecodeFailed when the worker is draining (UNAVAILABLE: try
-        another) or one of the same id is on this stream already (INVALID_ARGUMENT)."""
+    def start(self, request: worker_pb.DecodeRequest, timeout: float | None = None) -> DecodeUpdates:
+        """Sends the request; its updates fail DEADLINE_EXCEEDED after ``timeout`` seconds. Raises
+        DecodeFailed when the worker is draining (UNAVAILABLE: try another) or one of the same id
+        is on this stream already (INVALID_ARGUMENT)."""
         request_id = request.request.request_id
         if self.draining or self.closed:
             raise DecodeFailed(grpc.StatusCode.UNAVAILABLE, f"the decode worker at {self.address} is shutting down", refused=True)
         if request_id in self._requests:
             raise DecodeFailed(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {request_id!r} is already in flight")
-        updates = self._requests[request_id] = DecodeUpdates(self, request_id)
+        updates = self._requests[request_id] = DecodeUpdates(self, request_id, timeout)
         self._commands.put_nowait(worker_pb.DecodeCommand(start=request))
         return updates
 

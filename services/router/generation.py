@@ -212,7 +212,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         with_logprobs = prepared.engine_request.logprobs or prepared.engine_request.top_logprobs > 0
         first_from_decode = progress.num_tokens == 0
         num_blocks = -(-(len(prepared.engine_request.prompt_token_ids) + 1) // self.settings.block_size)
-        decision, updates, expiry, batch = await self._open_decode(decode_request, prepared, num_blocks, deadline)
+        decision, updates, batch = await self._open_decode(decode_request, prepared, num_blocks, deadline)
         last = time.perf_counter()
         tracked = self.workers.index.track(decision.worker_id, num_blocks=num_blocks)
         tracked.__enter__()
@@ -245,7 +245,6 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         except DecodeFailed as e:
             raise self._decode_error(e, decision) from None
         finally:
-            expiry.cancel()
             tracked.__exit__(None, None, None)
             updates.cancel()  # a stop string ended it early, or the client left: the decode worker frees its blocks
         progress.taken = True
@@ -255,9 +254,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
         A worker that refuses it untouched (draining, or full) is set aside and another one
         gets it; the prefill worker's KV is still pinned for it. Returns (decision, updates,
-        the deadline's timer, the first updates).
+        the first updates).
         """
-        loop = asyncio.get_running_loop()
         tried: set[str] = set()
         while True:
             candidates = [w for w in await self.workers.live("decode") if w.info.worker_id not in tried]
@@ -267,24 +265,20 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             log.info("decode on %s (%s)", decision.worker_id, decision.reason)
             self.metrics.routing.labels("decode", decision.policy, decision.reason).inc()
             try:
-                updates = self.workers.decode_stream(decision.address).start(decode_request)
+                updates = self.workers.decode_stream(decision.address).start(decode_request, self._timeout(deadline))
             except DecodeFailed as e:
                 if not e.refused:
                     raise GenerateError(e.code, e.details) from None
                 refusal = e
             else:
-                expired = DecodeFailed(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed")
-                expiry = loop.call_later(1e9 if deadline is None else self._timeout(deadline), updates.fail, expired)
                 try:
-                    return decision, updates, expiry, await updates.next()
+                    return decision, updates, await updates.next()
                 except DecodeFailed as e:
-                    expiry.cancel()
                     updates.cancel()
                     if not (e.refused and e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)):
                         raise self._decode_error(e, decision) from None
                     refusal = e
                 except BaseException:
-                    expiry.cancel()
                     updates.cancel()
                     raise
             log.info("decode worker %s refused the request (%s); trying another", decision.worker_id, refusal)

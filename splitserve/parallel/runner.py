@@ -299,9 +299,10 @@ class TPModelRunner:
         return f"step failed on rank 0: {type(error).__name__}: {error}"
 
     def _end_group(self) -> None:
+        """After a failure. The CUDA graphs are not released here (close() does that): the
+        engine thread may still be replaying one."""
         abort_group()  # collectives of rank 0 stuck on the dead rank return with an error
         self._terminate_ranks()
-        # The graphs are released at close(): the engine thread may still be replaying one here.
 
     def _terminate_ranks(self) -> None:
         for handle in self.ranks:
