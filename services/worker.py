@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from splitserve.config import EngineConfig, TransferConfig
 from splitserve.controlplane import ControlPlane, KVEvent, WorkerAgent, WorkerInfo, WorkerLoad
 from splitserve.engine.engine import LLMEngine
+from splitserve.engine.warmup import warm_up
 from splitserve.kvtransfer import KVLayout, KVTransferAgent
 from splitserve.parallel import KVAgentSpec, KVGroup, PeerWorker, RankAgent, TPOptions, make_runner
 from splitserve.services.engine_loop import EngineLoop
@@ -76,6 +77,8 @@ class WorkerRuntime:
         agent_name = f"{config.worker_id}-{uuid.uuid4().hex[:8]}"
         # TP > 1: this process is rank 0 and starts the other ranks, each with an agent of its own.
         self.engine = engine or LLMEngine(config.engine, make_runner(config.engine, KVAgentSpec(agent_name, model_name), config.tp))
+        if engine is None and config.engine.model.device.startswith("cuda"):
+            warm_up(self.engine.runner, config.engine.scheduler.max_num_seqs)
         self.engine.block_pool.record_kv_events = True
         self.loop = EngineLoop(self.engine, on_kv_events=self._on_kv_events)
         runner = self.engine.runner

@@ -247,25 +247,34 @@ class TPModelRunner:
         return self._failed.is_set()
 
     def close(self) -> None:
-        """Shuts the other ranks down (SHUTDOWN, then terminate what lingers)."""
+        """Shuts the other ranks down: SHUTDOWN, every rank destroys the group at the same time
+        (under NCCL a rank's destroy waits for its peers), then terminate what lingers."""
         self._closing = True
-        if self.error is None:  # a failed group's device may not settle; the teardown below is bounded anyway
+        healthy = self.error is None  # a failed group's device may not settle; the teardown below is bounded anyway
+        if healthy:
             self.local.release_graphs()  # every rank drops its graphs before the group goes (NCCL waits on them)
         for handle in self.ranks:
             try:
                 handle.channel.send(p.SHUTDOWN)
             except OSError:
                 pass
+        if healthy:
+            self._destroy_group()
         for handle in self.ranks:
             try:
                 handle.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
         self._terminate_ranks()
+        if not healthy:
+            self._destroy_group()  # the other ranks are gone: nothing left to wait for
+
+    @staticmethod
+    def _destroy_group() -> None:
         try:
-            destroy_group()  # after a failure the other ranks are gone: nothing left to wait for
+            destroy_group()
         except Exception:  # noqa: BLE001 - a broken group may not tear down cleanly; the process moves on
-            log.warning("destroying the failed process group raised", exc_info=True)
+            log.warning("destroying the process group raised", exc_info=True)
 
     def _lost(self, reason: str) -> None:
         """A rank is gone or broken: fail everything waiting on the group, end the group."""

@@ -17,6 +17,7 @@ from splitserve.engine.engine import LLMEngine
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from splitserve.engine.warmup import warm_up
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -109,3 +110,17 @@ def test_graph_and_eager_decode_agree(tiny_checkpoint):
     runner.graphs = graphs
     torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kv_graph, runner.kv_cache, rtol=1e-5, atol=1e-5)  # the padding row wrote nothing
+
+
+def test_warm_up_captures_every_bucket_and_changes_no_output(llama_tiny_dir, hf_reference):
+    engine = gpu_engine(llama_tiny_dir, torch.float32)
+    warm_up(engine.runner, max_num_seqs=64)
+    graphs = engine.runner.graphs
+    assert set(graphs._graphs) == {b for b in graphs.buckets if b <= 64}
+    assert engine.block_pool.num_free_blocks == engine.block_pool.num_blocks
+    prompt = prompts_for("llama")[2]
+    engine.add_request("r", prompt, SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True))
+    tokens = []
+    while engine.has_unfinished:
+        tokens += [t for out in engine.step().outputs for t in out.new_token_ids]
+    assert tokens == hf_reference.tokens(llama_tiny_dir, prompt, MAX_NEW)

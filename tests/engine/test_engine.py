@@ -13,6 +13,7 @@ import torch
 from splitserve.engine.request import FinishReason, TokenLogprob
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import RemoteKV
+from splitserve.engine.warmup import warm_up
 
 MAX_NEW = 8
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
@@ -223,3 +224,14 @@ def test_first_token_counts_toward_max_tokens(llama_tiny_dir, make_engine, refer
     while decode_engine.has_unfinished:
         outputs += decode_engine.step().outputs
     assert len(outputs) == MAX_NEW - 1 and outputs[-1].finish_reason == FinishReason.LENGTH
+
+
+def test_warm_up_leaves_no_trace(llama_tiny_dir, make_engine, reference):
+    """The warm-up steps write KV into scratch blocks before any is allocated: afterwards every
+    block is free and a request's output (which reuses those blocks) is unchanged."""
+    engine = make_engine(llama_tiny_dir)
+    assert warm_up(engine.runner, max_num_seqs=4) > 0
+    assert_all_blocks_free(engine)
+    engine.add_request("r", PROMPT, GREEDY)
+    assert collect(engine)["r"] == reference
+    assert_all_blocks_free(engine)
