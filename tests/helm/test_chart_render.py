@@ -179,6 +179,19 @@ def test_gpus_per_pod_equal_tp_size(chart, prefill_tp, decode_tp):
     assert "nvidia.com/gpu" not in container(manifests, "router")["resources"].get("limits", {})
 
 
+def test_step_limits_are_per_pool(chart):
+    """Defaults: large steps for prefill workers, short prompt chunks on decode workers (they
+    prefill when colocated or recomputing, and every running stream waits for the step)."""
+    defaults = render(chart, {})
+    assert {k: flags(container(defaults, "prefill"))[k] for k in ("max-num-seqs", "max-num-batched-tokens")} == {"max-num-seqs": "256", "max-num-batched-tokens": "8192"}
+    assert {k: flags(container(defaults, "decode"))[k] for k in ("max-num-seqs", "max-num-batched-tokens")} == {"max-num-seqs": "256", "max-num-batched-tokens": "2048"}
+    tuned = render(chart, {"decode": {"maxNumSeqs": 512, "maxNumBatchedTokens": 4096}})
+    assert flags(container(tuned, "decode"))["max-num-batched-tokens"] == "4096"
+    assert flags(container(tuned, "decode"))["max-num-seqs"] == "512"
+    with pytest.raises(Exception, match="maxNumBatchedTokens"):
+        chart.render({"prefill": {"maxNumBatchedTokens": 0}}, name=RELEASE, namespace=NAMESPACE)
+
+
 def test_tp_size_wins_over_a_gpu_count_in_resources(chart):
     manifests = render(chart, {"prefill": {"tpSize": 2, "resources": {"limits": {"nvidia.com/gpu": 8, "memory": "10Gi"}}},
                                "gpuResourceName": "nvidia.com/gpu"})

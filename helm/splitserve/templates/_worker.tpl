@@ -72,6 +72,8 @@ spec:
             - --worker-id=$(POD_NAME)
             - --device=cuda
             - --tp-size={{ $tp }}
+            - --max-num-seqs={{ int $pool.maxNumSeqs }}
+            - --max-num-batched-tokens={{ int $pool.maxNumBatchedTokens }}
             - --control-plane={{ include "splitserve.redisUrl" $ }}
             {{- if $mtls.enabled }}
             - --tls-cert=/etc/splitserve/internal-tls/tls.crt
