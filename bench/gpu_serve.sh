@@ -20,6 +20,16 @@ python3 -m splitserve.cli decode --model /tmp/qwen3 --device cuda --port 50071 -
     --max-num-seqs 256 --max-num-batched-tokens 8192 > "$OUT/decode.log" 2>&1 &
 for i in $(seq 120); do grep -q "listening on" "$OUT/decode.log" && break; sleep 1; done
 grep "listening on" "$OUT/decode.log" || { tail -30 "$OUT/decode.log"; exit 1; }
+# ROUTERS=N: N routers of one platform (the others use the first one's store as their control
+# plane), and the bench client sends requests to them in turn.
+TARGETS=127.0.0.1:50051
+for r in $(seq 2 ${ROUTERS:-1}); do
+    port=$((50050 + r))
+    python3 -m splitserve.cli router --model /tmp/qwen3 --port $port --http-port -1 --metrics-port -1 \
+        --max-tokens-limit 4096 --control-plane grpc://127.0.0.1:50051 > "$OUT/router$r.log" 2>&1 &
+    TARGETS=$TARGETS,127.0.0.1:$port
+done
+sleep $(( ${ROUTERS:-1} > 1 ? 8 : 0 ))
 # PROFILE=1: py-spy samples the router, the worker and the bench client during the run
 # (collapsed stacks under $OUT/profile, for flame graphs; py-spy comes with the carried wheels).
 if [ "${PROFILE:-0}" = 1 ]; then
@@ -31,11 +41,11 @@ if [ "${PROFILE:-0}" = 1 ]; then
     done
     CLIENT="$SPY record --rate 200 --format raw --threads -o $OUT/profile/client.txt --"
 fi
-${CLIENT:-} python3 -m splitserve.cli bench serve --target 127.0.0.1:50051 --dataset random --num-prompts 500 \
+${CLIENT:-} python3 -m splitserve.cli bench serve --target $TARGETS --dataset random --num-prompts 500 \
     --input-len 512 --output-len 128 --request-rate inf --seed 0 --num-warmups 8 --disable-tqdm \
     --out "$OUT/serve" --label qwen3-0.6b-colocated-h100 2>&1 | tee "$OUT/serve.log" | tail -45
-kill %1 %2 2>/dev/null; wait %3 %4 2>/dev/null; sleep 3
+pkill -f "splitserve.cli (router|decode)"; sleep 3
 python3 bench/offline_throughput.py --model /tmp/qwen3 --device cuda --dtype bfloat16 --batch-size 256 \
     --num-prompts 500 --input-len 512 --output-len 128 --out "$OUT/offline.json" 2>&1 | tail -12 | tee "$OUT/offline.log"
 # The device tool returns only a few files per call: pack the run's records and logs into one.
-(cd "$OUT" && tar czf serve.tgz serve router.log decode.log $(ls -d profile 2>/dev/null) && rm -rf serve router.log decode.log profile)
+(cd "$OUT" && tar czf serve.tgz serve router*.log decode.log $(ls -d profile 2>/dev/null) && rm -rf serve router*.log decode.log profile)

@@ -4,7 +4,9 @@ here; the rest of the benchmark sees only BenchRequest, RequestRecord and ModelI
 """
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -49,12 +51,15 @@ def _message(request: BenchRequest, request_id: str, ignore_eos: bool) -> pb.Gen
 
 
 class GenerationClient:
-    """Async client for one target. Use as ``async with GenerationClient(...) as c``."""
+    """Async client for one target, or several routers of one platform (requests go to them in
+    turn, one channel each). Use as ``async with GenerationClient(...) as c``."""
 
-    def __init__(self, target: str, request_timeout_s: float | None, ignore_eos: bool) -> None:
+    def __init__(self, target: str | Sequence[str], request_timeout_s: float | None, ignore_eos: bool) -> None:
+        targets = [target] if isinstance(target, str) else list(target)
         # A benchmark measures the server, never a proxy picked up from the environment.
-        self._channel = grpc.aio.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
-        self._stub = pb_grpc.GenerationStub(self._channel)
+        self._channels = [grpc.aio.insecure_channel(t, options=[("grpc.enable_http_proxy", 0)]) for t in targets]
+        self._all_stubs = [pb_grpc.GenerationStub(c) for c in self._channels]
+        self._stubs = itertools.cycle(self._all_stubs)
         self._timeout = request_timeout_s
         self._ignore_eos = ignore_eos
 
@@ -64,11 +69,16 @@ class GenerationClient:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def model_info(self, wait_s: float) -> ModelInfo:
-        """Waits up to ``wait_s`` for the server to come up; raises grpc.aio.AioRpcError."""
-        info = await self._stub.GetModelInfo(pb.ModelInfoRequest(), timeout=wait_s, wait_for_ready=True)
+        """Waits up to ``wait_s`` for every target to come up; raises grpc.aio.AioRpcError, or
+        ValueError when the targets serve different models."""
+        infos = [await stub.GetModelInfo(pb.ModelInfoRequest(), timeout=wait_s, wait_for_ready=True) for stub in self._all_stubs]
+        info = infos[0]
+        if any(other.model != info.model for other in infos[1:]):
+            raise ValueError(f"the targets serve different models: {sorted({i.model for i in infos})}")
         return ModelInfo(
             model=info.model,
             architecture=info.architecture,
@@ -87,7 +97,7 @@ class GenerationClient:
         error_code: str | None = None
         error_message: str | None = None
         send_time = time.perf_counter()
-        call = self._stub.Generate(message, timeout=self._timeout)
+        call = next(self._stubs).Generate(message, timeout=self._timeout)
         try:
             async for response in call:
                 now = time.perf_counter()

@@ -45,17 +45,22 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class ClientConfig:
-    target: str  # HOST:PORT of the router
+    target: str  # HOST:PORT of the router, or several, comma-separated (requests go round-robin)
     request_timeout_s: float
     ready_timeout_s: float  # how long to wait for the server to answer GetModelInfo
     ignore_eos: bool = True
 
     def __post_init__(self) -> None:
-        host, sep, port = self.target.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"--target must be HOST:PORT, got {self.target!r}")
+        for target in self.targets:
+            host, sep, port = target.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"--target must be HOST:PORT[,HOST:PORT...], got {self.target!r}")
         if not self.request_timeout_s > 0 or not self.ready_timeout_s > 0:
             raise ValueError("timeouts must be positive")
+
+    @property
+    def targets(self) -> list[str]:
+        return [t.strip() for t in self.target.split(",")]
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark a running splitserve router over its public gRPC API "
         "(metrics defined as `vllm bench serve` defines them).",
     )
-    p.add_argument("--target", required=True, help="the router, HOST:PORT")
+    p.add_argument("--target", required=True, help="the router, HOST:PORT; several routers of one platform: comma-separated, requests go to them in turn")
     d = p.add_argument_group("workload")
     d.add_argument("--dataset", choices=("random", "jsonl"), default="random")
     d.add_argument("--dataset-path", type=Path, help='JSONL file of {"prompt": ..., "output_len": ...}')
@@ -165,12 +165,15 @@ async def run(cfg: BenchConfig, argv: Sequence[str]) -> int:
     started_at = time.time()
     seeds = np.random.SeedSequence(cfg.seed)
     data_seeds, arrival_seed = seeds.spawn(2)
-    async with GenerationClient(cfg.client.target, cfg.client.request_timeout_s, cfg.client.ignore_eos) as client:
+    async with GenerationClient(cfg.client.targets, cfg.client.request_timeout_s, cfg.client.ignore_eos) as client:
         try:
             info = await client.model_info(cfg.client.ready_timeout_s)
         except grpc.aio.AioRpcError as e:
             print(f"error: {cfg.client.target} did not answer GetModelInfo: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         try:
             requests = build_requests(cfg.dataset, info, data_seeds)
         except (ValueError, OSError) as e:

@@ -11,12 +11,14 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from splitserve.bench.serve import main
+from splitserve.testing.cluster import Service
 
 pytestmark = [pytest.mark.slow]
 
@@ -39,10 +41,15 @@ def _pump(stream, lines: queue.Queue) -> None:
 
 
 @pytest.fixture(scope="module")
-def router_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from splitserve.models.checkpoint_init import init_checkpoint
 
-    model = init_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama", "llama", "tiny")
+    return init_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama", "llama", "tiny")
+
+
+@pytest.fixture(scope="module")
+def router_target(tiny_model: Path) -> Iterator[str]:
+    model = tiny_model
     proc = subprocess.Popen(
         [sys.executable, "-c", CLI, "up", "--model", str(model), "--port", str(free_port()), "--http-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -116,3 +123,27 @@ def test_injected_failures_are_reported_with_their_codes(router_target: str, tmp
     assert m["failed_by_code"] == {"INVALID_ARGUMENT": 2}
     assert all(r["error_code"] == "INVALID_ARGUMENT" and r["error_message"] for r in injected)
     assert all(r["error_code"] is None for r in records if not r["injected_invalid"])
+
+
+def test_bench_serve_spreads_requests_over_several_routers(router_target: str, tiny_model: Path, tmp_path: Path, check_results) -> None:
+    """A second router of the same platform (the first router's store as its control plane):
+    `--target A,B` sends requests to both in turn, and the second one serves its half."""
+    env = {**os.environ, "NIXL_LOG_LEVEL": "WARN", "PYTHONUNBUFFERED": "1"}
+    second = None
+    try:
+        second = Service("router", ["--model", str(tiny_model), "--port", "0", "--metrics-port", "0", "--http-port", "-1",
+                                    "--control-plane", f"grpc://{router_target}"], env)
+        second_target = second.wait_ready()
+        argv = ["--target", f"{router_target},{second_target}", "--num-prompts", "8", "--input-len", "16",
+                "--output-len", "4", "--num-warmups", "0", "--seed", "2", "--request-timeout", "120",
+                "--out", str(tmp_path), "--label", "two-routers", "--disable-tqdm"]
+        assert main(argv) == 0
+        m = check_results(tmp_path / "two-routers.json", num_prompts=8, num_points=1)["points"][0]["metrics"]
+        assert m["completed"] == 8, m["failed_by_code"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{second.metrics_port}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        served = re.search(r'splitserve_requests_total\{outcome="ok",role="router"\} (\S+)', metrics)
+        assert served and float(served.group(1)) == 4, metrics[-2000:]
+    finally:
+        if second is not None:
+            second.stop()
