@@ -7,6 +7,7 @@ import pytest
 
 from splitserve.controlplane import KVEvent, WorkerAgent, WorkerInfo, WorkerLoad
 from splitserve.controlplane.agent import batched_events
+from splitserve.controlplane.types import BLOCK_HASH_BYTES
 from splitserve.controlplane.testing import run_async
 from splitserve.engine.prefix_hash import hash_request_tokens
 from splitserve.services.router.routing import PrefixAwarePolicy
@@ -250,3 +251,14 @@ def test_large_publishes_are_split_in_order():
     assert [sum(len(e.block_hashes) for e in b) for b in batches] == [4, 4, 2]
     flat = [(e.kind, h) for b in batches for e in b for h in (e.block_hashes or [None])]
     assert flat == [("stored", h) for h in hashes[:3]] + [("cleared", None)] + [("removed", h) for h in hashes[3:]]
+
+
+def test_a_workers_kv_events_group_into_runs_of_one_kind_in_order():
+    from splitserve.services.worker import group_kv_events
+
+    a, b, c, d = (bytes([i]) * BLOCK_HASH_BYTES for i in range(4))
+    events = [("stored", a), ("stored", b), ("removed", c), ("stored", d)]
+    assert group_kv_events(events) == [KVEvent.stored([a, b]), KVEvent.removed([c]), KVEvent.stored([d])]
+    assert group_kv_events([]) == []
+    many = [("stored", bytes([i % 256, i // 256]) * (BLOCK_HASH_BYTES // 2)) for i in range(4096)]
+    assert group_kv_events(many) == [KVEvent.stored([h for _, h in many])]
