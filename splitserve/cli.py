@@ -26,6 +26,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-blocks", type=int, default=None, help="fixed number of KV blocks (overrides the budget)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="requests that may wait beyond --max-num-seqs; past that new ones are refused (RESOURCE_EXHAUSTED)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--tp-size", type=int, default=1,
@@ -234,7 +236,9 @@ def _run_worker(args) -> int:
             num_blocks=args.num_blocks,
             enable_prefix_caching=not args.no_prefix_caching,
         ),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
+        ),
         parallel=parallel,
     )
     worker_id = args.worker_id or f"{args.command}-{args.host}-{args.port}"

@@ -257,9 +257,13 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         the first updates).
         """
         tried: set[str] = set()
+        full = 0  # workers that refused it for a full queue
         while True:
             candidates = [w for w in await self.workers.live("decode") if w.info.worker_id not in tried]
             if not candidates:
+                if full:
+                    self.metrics.error("queue_full")
+                    raise GenerateError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"every decode worker tried ({full}) is full; try again later")
                 raise GenerateError(grpc.StatusCode.UNAVAILABLE, "no decode worker is available")
             decision = self.policy.pick_decode(candidates, num_blocks, prepared.engine_request.request_id.encode())
             log.info("decode on %s (%s)", decision.worker_id, decision.reason)
@@ -282,7 +286,10 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     updates.cancel()
                     raise
             log.info("decode worker %s refused the request (%s); trying another", decision.worker_id, refusal)
-            self.workers.mark_failed(decision.worker_id)
+            if refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                full += 1  # busy, not broken: the next request may still go there
+            else:
+                self.workers.mark_failed(decision.worker_id)  # draining
             tried.add(decision.worker_id)
 
     def _decode_error(self, e: DecodeFailed, decision) -> GenerateError:

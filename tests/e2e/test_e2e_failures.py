@@ -191,3 +191,27 @@ def test_sigterm_on_prefill_stops_taking_work_and_lets_go_of_pinned_kv(start_clu
     for call in calls:
         assert sum(len(r.delta.token_ids) for r in call) == 19
     assert Client(cluster.address).complete(list(range(3, 50)), max_tokens=3, ignore_eos=True, timeout=60).completion_tokens == 3
+
+
+def test_a_full_decode_worker_refuses_with_resource_exhausted_and_keeps_serving(start_cluster):
+    """One running and one waiting request fill a decode worker (--max-num-seqs 1
+    --max-waiting 1): the next one is refused with RESOURCE_EXHAUSTED at once, the two in
+    flight finish whole, the worker takes requests again afterwards and no block is left in use."""
+    cluster = start_cluster(worker_args=["--max-num-seqs", "1", "--max-waiting", "1"])
+    (decode,) = cluster.add_workers(("decode", "decode-0"))
+    stub = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(cluster.address))
+    running = stub.Generate(build_request(list(range(3, 20)), max_tokens=400, ignore_eos=True), timeout=120)
+    next(running)  # its first token: it runs
+    waiting = stub.Generate(build_request(list(range(4, 21)), max_tokens=400, ignore_eos=True), timeout=120)
+    assert wait_until(lambda: decode.stats().num_waiting == 1, timeout=10)
+    with pytest.raises(grpc.RpcError) as refused:
+        next(stub.Generate(build_request(list(range(5, 22)), max_tokens=4, ignore_eos=True), timeout=30))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+    assert "full" in refused.value.details()
+    assert 1 + sum(len(r.delta.token_ids) for r in running) == 400
+    assert sum(len(r.delta.token_ids) for r in waiting) == 400
+    # A full worker is not a failed one: the router sends it the next request at once.
+    assert Client(cluster.address).complete(list(range(6, 30)), max_tokens=3, ignore_eos=True, timeout=60).completion_tokens == 3
+    stats = decode.stats()
+    assert stats.num_running == stats.num_waiting == 0
+    assert stats.num_free_blocks == stats.num_total_blocks
