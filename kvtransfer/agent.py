@@ -20,6 +20,7 @@ from splitserve.kvtransfer.errors import (
 )
 from splitserve.kvtransfer.layout import BLOCK_MAJOR, KVLayout, block_bytes
 from splitserve.kvtransfer.metadata import AgentMetadata, CacheRegion
+from splitserve.kvtransfer.progress import progress_thread_delay
 from splitserve.kvtransfer.transfer import PendingTransfer, TransferResult
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class KVTransferAgent:
             raise ValueError("kv_cache must be contiguous to be registered as one region")
         self.name = name
         self.layout = layout
-        self._nixl = nixl_agent(name, nixl_agent_config(backends=[backend]))
+        with progress_thread_delay():
+            self._nixl = nixl_agent(name, nixl_agent_config(backends=[backend]))
         if backend not in self._nixl.backends:
             raise KVTransferError(f"NIXL backend {backend!r} is not available")
         # NIXL keeps raw pointers: the tensor must outlive the registration.
