@@ -80,6 +80,7 @@ class DecodeStream:
         self._requests: dict[str, DecodeUpdates] = {}
         self.closed = False
         self.draining = False  # the worker is shutting down: nothing new goes on this stream
+        self._answered = False  # the worker has sent something on this stream
         self._call = stub.Decode(self._outgoing())
         self._reader = asyncio.ensure_future(self._read())
 
@@ -114,6 +115,7 @@ class DecodeStream:
         error = DecodeFailed(grpc.StatusCode.UNAVAILABLE, f"the decode worker at {self.address} ended its stream")
         try:
             async for message in self._call:
+                self._answered = True
                 self.draining = self.draining or message.draining
                 for update in message.updates:
                     updates = self._requests.get(update.request_id)
@@ -124,7 +126,10 @@ class DecodeStream:
                     updates.add(update)
                 self._close_if_drained()
         except grpc.aio.AioRpcError as e:
-            error = DecodeFailed(e.code(), e.details() or "")
+            # Unreachable before it ever answered (gone, or not yet up): none of its requests got
+            # anywhere, so each may go to another decode worker (the prefill KV is still pinned).
+            unreachable = e.code() == grpc.StatusCode.UNAVAILABLE and not self._answered
+            error = DecodeFailed(e.code(), e.details() or "", refused=unreachable)
         except asyncio.CancelledError:
             error = DecodeFailed(grpc.StatusCode.CANCELLED, "the router is shutting down")
             raise

@@ -215,3 +215,14 @@ def test_a_full_decode_worker_refuses_with_resource_exhausted_and_keeps_serving(
     stats = decode.stats()
     assert stats.num_running == stats.num_waiting == 0
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_requests_for_a_decode_worker_that_is_gone_go_to_another(start_cluster):
+    """A decode worker killed before the control plane notices: a request the router sends it
+    finds nobody listening, never reached it, and goes to the other decode worker."""
+    cluster = start_cluster()
+    gone, _ = cluster.add_workers(("decode", "decode-0"), ("decode", "decode-1"))
+    gone.kill()
+    for i in range(6):  # the router's list still has decode-0: some of these are routed to it first
+        result = Client(cluster.address).complete([40 + i] + list(range(3, 20)), max_tokens=4, ignore_eos=True, timeout=60)
+        assert result.completion_tokens == 4
