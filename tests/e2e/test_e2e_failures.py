@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from splitserve.client import AsyncClient, Client, build_request
+from splitserve.controlplane import connect
 from splitserve.testing.cluster import wait_until
 from splitserve.v1 import generation_pb2_grpc
 
@@ -190,6 +191,10 @@ def test_sigterm_on_prefill_stops_taking_work_and_lets_go_of_pinned_kv(start_clu
     # Requests whose KV went away are recomputed on the decode worker; new ones avoid the drained worker.
     for call in calls:
         assert sum(len(r.delta.token_ids) for r in call) == 19
+    # Stopped for longer than its heartbeat TTL, the decode worker dropped out of the control plane
+    # and registers again on its next heartbeat: until the router's list has it back, there is
+    # no decode worker to send to.
+    assert wait_until(lambda: asyncio.run(_live_decode_workers(cluster)), timeout=15)
     assert Client(cluster.address).complete(list(range(3, 50)), max_tokens=3, ignore_eos=True, timeout=60).completion_tokens == 3
 
 
@@ -226,3 +231,12 @@ def test_requests_for_a_decode_worker_that_is_gone_go_to_another(start_cluster):
     for i in range(6):  # the router's list still has decode-0: some of these are routed to it first
         result = Client(cluster.address).complete([40 + i] + list(range(3, 20)), max_tokens=4, ignore_eos=True, timeout=60)
         assert result.completion_tokens == 4
+
+
+async def _live_decode_workers(cluster):
+    """The decode workers the control plane lists now (what the router's list catches up to)."""
+    control_plane = await connect(cluster.control_plane)
+    try:
+        return await control_plane.live_workers("decode")
+    finally:
+        await control_plane.close()
