@@ -9,7 +9,7 @@ REPLACEMENT = "\ufffd"
 def backend_decode(tokenizer: PreTrainedTokenizerBase):
     """The tokenizer's own decode, or the Rust ``tokenizers`` one under it where that gives the
     same text (no clean-up of tokenization spaces): the wrapper converts its input element by
-    element and was a quarter of the router's CPU time under load."""
+    element, 12% of the router's CPU under load on an H100 (detokenizing in all: 25%)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or tokenizer.clean_up_tokenization_spaces:
         return tokenizer.decode

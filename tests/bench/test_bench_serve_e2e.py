@@ -147,3 +147,11 @@ def test_bench_serve_spreads_requests_over_several_routers(router_target: str, t
     finally:
         if second is not None:
             second.stop()
+
+
+def test_targets_that_serve_different_models_are_refused(router_target: str, fake_target: str, tmp_path: Path, capsys) -> None:
+    argv = ["--target", f"{router_target},{fake_target}", "--num-prompts", "2", "--input-len", "8", "--output-len", "2",
+            "--out", str(tmp_path), "--disable-tqdm"]
+    assert main(argv) == 2
+    assert "the targets serve different models" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
