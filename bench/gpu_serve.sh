@@ -12,40 +12,52 @@ export PYTHONPATH=/tmp/site NIXL_LOG_LEVEL=WARN PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m splitserve.cli model init /tmp/qwen3 --arch qwen3 --preset qwen3-0.6b --device cuda --overwrite
+# MODES: the worker's --async-scheduling for each serving run, in turn (default: "auto off",
+# async scheduling against the synchronous engine in the same call); the offline engine runs
+# with each mode too. Records go under $OUT/serve-<mode>.
+serve() {
+mode=$1
 python3 -m splitserve.cli router --model /tmp/qwen3 --port 50051 --http-port 0 --metrics-port -1 \
-    --max-tokens-limit 4096 > "$OUT/router.log" 2>&1 &
+    --max-tokens-limit 4096 > "$OUT/router-$mode.log" 2>&1 &
 sleep 8
 python3 -m splitserve.cli decode --model /tmp/qwen3 --device cuda --port 50071 --metrics-port -1 \
-    --worker-id decode-0 --control-plane grpc://127.0.0.1:50051 \
-    --max-num-seqs 256 --max-num-batched-tokens 8192 > "$OUT/decode.log" 2>&1 &
-for i in $(seq 120); do grep -q "listening on" "$OUT/decode.log" && break; sleep 1; done
-grep "listening on" "$OUT/decode.log" || { tail -30 "$OUT/decode.log"; exit 1; }
+    --worker-id decode-0 --control-plane grpc://127.0.0.1:50051 --async-scheduling $mode \
+    --max-num-seqs 256 --max-num-batched-tokens 8192 > "$OUT/decode-$mode.log" 2>&1 &
+for i in $(seq 120); do grep -q "listening on" "$OUT/decode-$mode.log" && break; sleep 1; done
+grep "listening on" "$OUT/decode-$mode.log" || { tail -30 "$OUT/decode-$mode.log"; return 1; }
 # ROUTERS=N: N routers of one platform (the others use the first one's store as their control
 # plane), and the bench client sends requests to them in turn.
 TARGETS=127.0.0.1:50051
 for r in $(seq 2 ${ROUTERS:-1}); do
     port=$((50050 + r))
     python3 -m splitserve.cli router --model /tmp/qwen3 --port $port --http-port -1 --metrics-port -1 \
-        --max-tokens-limit 4096 --control-plane grpc://127.0.0.1:50051 > "$OUT/router$r.log" 2>&1 &
+        --max-tokens-limit 4096 --control-plane grpc://127.0.0.1:50051 > "$OUT/router$r-$mode.log" 2>&1 &
     TARGETS=$TARGETS,127.0.0.1:$port
 done
 sleep $(( ${ROUTERS:-1} > 1 ? 8 : 0 ))
 # PROFILE=1: py-spy samples the router, the worker and the bench client during the run
-# (collapsed stacks under $OUT/profile, for flame graphs; py-spy comes with the carried wheels).
+# (collapsed stacks under $OUT/profile-<mode>, for flame graphs; py-spy comes with the carried wheels).
+CLIENT=
 if [ "${PROFILE:-0}" = 1 ]; then
-    mkdir -p "$OUT/profile"; SPY=/tmp/site/bin/py-spy
+    mkdir -p "$OUT/profile-$mode"; SPY=/tmp/site/bin/py-spy
     for name in router decode; do
         pid=$(pgrep -f "splitserve.cli $name" | head -1)
-        $SPY record --pid "$pid" --duration 20 --rate 200 --format raw --threads -o "$OUT/profile/$name.txt" \
-            > "$OUT/profile/$name.log" 2>&1 &
+        $SPY record --pid "$pid" --duration 20 --rate 200 --format raw --threads -o "$OUT/profile-$mode/$name.txt" \
+            > "$OUT/profile-$mode/$name.log" 2>&1 &
     done
-    CLIENT="$SPY record --rate 200 --format raw --threads -o $OUT/profile/client.txt --"
+    CLIENT="$SPY record --rate 200 --format raw --threads -o $OUT/profile-$mode/client.txt --"
 fi
-${CLIENT:-} python3 -m splitserve.cli bench serve --target $TARGETS --dataset random --num-prompts 500 \
+$CLIENT python3 -m splitserve.cli bench serve --target $TARGETS --dataset random --num-prompts 500 \
     --input-len 512 --output-len 128 --request-rate inf --seed 0 --num-warmups 8 --disable-tqdm \
-    --out "$OUT/serve" --label qwen3-0.6b-colocated-h100 2>&1 | tee "$OUT/serve.log" | tail -45
+    --out "$OUT/serve-$mode" --label qwen3-0.6b-colocated-async-$mode 2>&1 | tee "$OUT/serve-$mode.log" | tail -45
 pkill -f "splitserve.cli (router|decode)"; sleep 3
 python3 bench/offline_throughput.py --model /tmp/qwen3 --device cuda --dtype bfloat16 --batch-size 256 \
-    --num-prompts 500 --input-len 512 --output-len 128 --out "$OUT/offline.json" 2>&1 | tail -12 | tee "$OUT/offline.log"
+    --num-prompts 500 --input-len 512 --output-len 128 --async-scheduling $mode \
+    --out "$OUT/offline-$mode.json" 2>&1 | tail -12 | tee "$OUT/offline-$mode.log"
+}
+for mode in ${MODES:-auto off}; do serve $mode; done
+grep -h "Request throughput\|Output token throughput\|Mean TPOT\|label" "$OUT"/serve-*.log
+grep -H "requests/s" "$OUT"/offline-*.log
 # The device tool returns only a few files per call: pack the run's records and logs into one.
-(cd "$OUT" && tar czf serve.tgz serve router*.log decode.log $(ls -d profile 2>/dev/null) && rm -rf serve router*.log decode.log profile)
+(cd "$OUT" && tar czf serve.tgz serve-* offline-*.log install.log router*.log decode*.log $(ls -d profile-* 2>/dev/null) \
+    && rm -rf serve-* offline-*.log install.log router*.log decode*.log profile-*)

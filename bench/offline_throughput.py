@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=32, help="new tokens per request")
     p.add_argument("--num-prompts", type=int, default=None, help="requests in all (default: --batch-size)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
+                   help="schedule a step while the device runs the one before (auto: on a GPU)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget per step (default: room for a whole batch of prompts, at least 2048)")
     p.add_argument("--num-blocks", type=int, default=None,
@@ -88,6 +90,7 @@ def build_engine(args: argparse.Namespace, model_dir: Path) -> LLMEngine:
             max_num_batched_tokens=budget,
             max_waiting=max(1024, args.num_prompts),
             max_tokens_limit=max(4096, args.output_len),
+            async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         ),
     )
     engine = LLMEngine(config)

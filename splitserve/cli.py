@@ -29,6 +29,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="requests that may wait beyond --max-num-seqs; past that new ones are refused (RESOURCE_EXHAUSTED)")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
+                   help="schedule step N+1 while the GPU runs step N; auto: on for a single-rank GPU worker")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--tp-size", type=int, default=1,
                    help="tensor-parallel size: one process per rank, on --device and the next GPUs (gloo on CPU); the KV pool of any TP size can exchange KV with this one")
@@ -238,6 +240,7 @@ def _run_worker(args) -> int:
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
+            async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         ),
         parallel=parallel,
     )

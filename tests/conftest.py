@@ -38,7 +38,7 @@ def llama_tiny_dir(tiny_checkpoint) -> Path:
 
 @pytest.fixture(scope="session")
 def make_engine() -> Callable[..., LLMEngine]:
-    """An fp32 CPU engine with a small, explicit KV pool (no 256 MiB default allocation)."""
+    """An fp32 engine (CPU unless ``device``) with a small, explicit KV pool (no 256 MiB default allocation)."""
 
     def make(
         model_dir: Path,
@@ -49,12 +49,16 @@ def make_engine() -> Callable[..., LLMEngine]:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
+        async_scheduling: bool | None = None,
+        device: str = "cpu",
     ) -> LLMEngine:
         return LLMEngine(
             EngineConfig(
-                model=ModelConfig(model_dir, dtype=torch.float32, max_model_len=max_model_len),
+                model=ModelConfig(model_dir, dtype=torch.float32, device=device, max_model_len=max_model_len),
                 cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching),
-                scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+                scheduler=SchedulerConfig(
+                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, async_scheduling=async_scheduling
+                ),
             )
         )
 

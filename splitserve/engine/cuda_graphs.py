@@ -14,14 +14,14 @@ from splitserve.engine.scheduler import SchedulerOutput
 from splitserve.kernels.attention_metadata import AttentionMetadata
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
-_HEADER_ROWS = 5  # input ids, positions, slot blocks, slot offsets, context lengths
+_HEADER_ROWS = 6  # input ids, positions, slot blocks, slot offsets, context lengths, placeholder rows
 
 
 class DecodeCUDAGraphs:
     """Captures a bucket's graph the first time a batch needs it (or up front, ``capture``) and replays it.
 
     Static buffers, sized for the largest bucket and shared by every graph: one int32
-    block [5, max_batch] of per-request values and a block table [max_batch,
+    block [6, max_batch] of per-request values and a block table [max_batch,
     max_blocks]. Graphs share one memory pool; they never run concurrently.
     """
 
@@ -65,13 +65,20 @@ class DecodeCUDAGraphs:
             if bucket not in self._graphs:
                 self._capture(bucket)
 
-    def run(self, out: SchedulerOutput) -> torch.Tensor:
-        """Logits [num_requests, vocab] of a decode-only step (``can_run``), from a replayed graph."""
+    def run(self, out: SchedulerOutput, placeholders=None) -> torch.Tensor:
+        """Logits [num_requests, vocab] of a decode-only step (``can_run``), from a replayed graph.
+
+        ``placeholders`` (model_runner.Placeholders): input tokens taken from the device, after
+        the header's copy and before the replay, in stream order."""
         batch = len(out.scheduled)
         bucket = self.bucket_for(batch)
         if bucket not in self._graphs:
             self._capture(bucket)
-        self._fill(out, bucket)
+        self._fill(out, bucket, placeholders.rows if placeholders is not None else None)
+        if placeholders is not None:
+            ids, rows = self._header[0, :bucket], self._header[5, :bucket]
+            taken = placeholders.tokens[rows.clamp(min=0)].to(torch.int32)  # padding rows read row 0, unused
+            ids.copy_(torch.where(rows >= 0, taken, ids))
         self._graphs[bucket].replay()
         self.num_replays += 1
         return self._logits[bucket][:batch].clone()  # the static buffer is rewritten by the next replay
@@ -80,7 +87,7 @@ class DecodeCUDAGraphs:
         """Replays ``batch``'s bucket on whatever the static buffers hold (benchmarks time the GPU alone this way)."""
         self._graphs[self.bucket_for(batch)].replay()
 
-    def _fill(self, out: SchedulerOutput, bucket: int) -> None:
+    def _fill(self, out: SchedulerOutput, bucket: int, placeholder_rows: list[int] | None) -> None:
         bs, batch = self.block_size, len(out.scheduled)
         self._copied.synchronize()  # the previous step's copies have read the staging buffers
         header = self._header_host.numpy()
@@ -90,8 +97,10 @@ class DecodeCUDAGraphs:
         header[2, :batch] = [s.block_ids[p // bs] for s, p in zip(out.scheduled, positions)]
         header[3, :batch] = [p % bs for p in positions]
         header[4, :batch] = [p + 1 for p in positions]
+        header[5, :batch] = placeholder_rows if placeholder_rows is not None else -1
         header[:, batch:bucket] = 0
         header[2, batch:bucket] = -1  # padding rows write no KV
+        header[5, batch:bucket] = -1
         width = max(positions) // bs + 1  # blocks the longest context spans
         table = self._table_host[: bucket * width].numpy().reshape(bucket, width)
         table[batch:] = 0

@@ -1,21 +1,28 @@
 """The engine: validates requests, and each step schedules, runs the model and samples.
 
-Synchronous and single-threaded on purpose; services run ``step()`` in a
-thread of their own and talk to it through queues.
+Single-threaded on purpose; services run ``step()`` in a thread of their own and talk to it
+through queues. With async scheduling a step queues its model run and sampling on the device
+and returns the outputs of the step before it, so the host's work for the next step (reading
+back tokens, stop checks, outputs, scheduling, inputs) runs while the device computes. A
+request's newest token is then a placeholder in the scheduler's eyes: the next step computes
+it from the device copy (``Placeholders``), and a request that turns out to have stopped had
+one row computed for nothing, discarded.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from splitserve.config import EngineConfig
+import torch
+
+from splitserve.config import ConfigError, EngineConfig
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.errors import InvalidRequestError, QueueFullError
 from splitserve.engine.kv_cache_manager import KVCacheManager
-from splitserve.engine.model_runner import ModelRunner
-from splitserve.engine.request import FinishReason, Request, TokenLogprob
+from splitserve.engine.model_runner import ModelRunner, Placeholders
+from splitserve.engine.request import PLACEHOLDER, FinishReason, Request, TokenLogprob
 from splitserve.engine.sampler import Sampler
 from splitserve.engine.sampling_params import SamplingParams
-from splitserve.engine.scheduler import KVLoad, RemoteKV, Scheduler
+from splitserve.engine.scheduler import KVLoad, RemoteKV, Scheduler, SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,16 @@ class StepResult:
     kv_loads: list[KVLoad]  # transfers the caller must run, then report with finish_kv_load
 
 
+@dataclass(frozen=True)
+class _InFlight:
+    """A step queued on the device whose sampled tokens have not been read back."""
+
+    requests: list[Request]  # the sampled rows, in order
+    tokens: torch.Tensor  # [len(requests)] on the device: the next step's placeholders read it
+    host: torch.Tensor  # the same, copying to host memory without blocking
+    copied: torch.cuda.Event | None  # None on the CPU: nothing is asynchronous there
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, runner: ModelRunner | None = None) -> None:
         self.config = config
@@ -52,6 +69,13 @@ class LLMEngine:
         self.kv_cache_manager = KVCacheManager(self.block_pool, self.block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self.sampler = Sampler()
+        supported = getattr(self.runner, "supports_placeholders", False)
+        wanted = config.scheduler.async_scheduling
+        if wanted and not supported:
+            raise ConfigError("async_scheduling needs a single-rank model runner; tensor parallelism does not support it yet")
+        self.async_scheduling = supported and (wanted if wanted is not None else self.runner.device.type == "cuda")
+        self._in_flight: _InFlight | None = None
+        self.num_discarded_rows = 0  # rows computed for requests that had stopped (async scheduling)
 
     # -- requests ------------------------------------------------------------
 
@@ -131,11 +155,39 @@ class LLMEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
     # -- one step ------------------------------------------------------------
 
     def step(self) -> StepResult:
+        if not self.async_scheduling:
+            return self._step_sync()
+        out = self.scheduler.schedule()
+        previous, self._in_flight = self._in_flight, None
+        to_sample = [self.scheduler.requests[s.request_id] for s in out.scheduled if s.sample]
+        logits = self.runner.execute(out, self._placeholders(out, previous)) if out.scheduled else None
+        # The device now has this step queued behind the previous one; read the previous one back.
+        outputs = self._read_back(previous) if previous is not None else []
+        # A request that stopped on the token just read back had this step's row computed for nothing.
+        self.num_discarded_rows += sum(r.is_finished for r in to_sample)
+        if logits is None:
+            pass
+        elif self.sampler.samples_on_device(to_sample):
+            tokens = self.sampler.sample_on_device(logits)
+            self.scheduler.advance(out)
+            for request in to_sample:
+                if not request.is_finished:
+                    request.append_placeholder()
+            self._in_flight = self._queue_copy(to_sample, tokens)
+        else:  # a request needs the host (penalties, logprobs, seeds): this step is synchronous
+            sampled = {
+                r.request_id: result for r, result in zip(to_sample, self.sampler(logits, to_sample)) if not r.is_finished
+            }
+            self.scheduler.update_from_output(out, sampled)
+            outputs += [self._output(r, *sampled[r.request_id]) for r in to_sample if r.request_id in sampled]
+        return StepResult(outputs, out.kv_loads)
+
+    def _step_sync(self) -> StepResult:
         out = self.scheduler.schedule()
         to_sample: list[Request] = []
         sampled: dict[str, tuple[int, TokenLogprob | None]] = {}
@@ -144,17 +196,44 @@ class LLMEngine:
             to_sample = [self.scheduler.requests[s.request_id] for s in out.scheduled if s.sample]
             sampled = dict(zip((r.request_id for r in to_sample), self.sampler(logits, to_sample)))
         self.scheduler.update_from_output(out, sampled)
+        return StepResult([self._output(r, *sampled[r.request_id]) for r in to_sample], out.kv_loads)
+
+    @staticmethod
+    def _placeholders(out: SchedulerOutput, previous: _InFlight | None) -> Placeholders | None:
+        if previous is None:
+            return None
+        row_of = {r.request_id: i for i, r in enumerate(previous.requests) if r.num_pending_tokens}
+        rows = [row_of[s.request_id] if s.token_ids[-1] == PLACEHOLDER else -1 for s in out.scheduled]
+        return Placeholders(previous.tokens, rows) if any(row >= 0 for row in rows) else None
+
+    def _queue_copy(self, requests: list[Request], tokens: torch.Tensor) -> _InFlight:
+        if tokens.device.type != "cuda":
+            return _InFlight(requests, tokens, tokens, None)
+        host = tokens.to("cpu", non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return _InFlight(requests, tokens, host, copied)
+
+    def _read_back(self, step: _InFlight) -> list[RequestOutput]:
+        """Waits for ``step``'s tokens, puts them in place of the placeholders, checks for stops."""
+        if step.copied is not None:
+            step.copied.synchronize()
         outputs = []
-        for request in to_sample:
-            token_id, logprob = sampled[request.request_id]
-            outputs.append(
-                RequestOutput(
-                    request_id=request.request_id,
-                    new_token_ids=[token_id],
-                    new_logprobs=[logprob] if logprob is not None else [],
-                    finish_reason=request.finish_reason if request.is_finished else None,
-                    num_prompt_tokens=request.num_prompt_tokens,
-                    num_cached_tokens=request.num_cached_tokens or 0,
-                )
-            )
-        return StepResult(outputs, out.kv_loads)
+        for request, token_id in zip(step.requests, step.host.tolist()):
+            if request.is_finished or not request.num_pending_tokens:
+                continue  # aborted, or stopped by the token before, while this one was computed
+            request.resolve_placeholder(token_id)
+            self.scheduler.check_finished(request)
+            outputs.append(self._output(request, token_id, None))
+        return outputs
+
+    @staticmethod
+    def _output(request: Request, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=[token_id],
+            new_logprobs=[logprob] if logprob is not None else [],
+            finish_reason=request.finish_reason if request.is_finished else None,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens or 0,
+        )

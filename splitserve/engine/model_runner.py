@@ -1,6 +1,8 @@
 """Runs the model on one step's batch: builds the flat inputs, owns the KV cache tensor, returns logits."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from splitserve.config import CacheConfig, ModelConfig
@@ -10,6 +12,16 @@ from splitserve.kernels.attention_metadata import AttentionMetadata, with_device
 from splitserve.kernels.backend import select_backend
 from splitserve.models.layers import TPGroup
 from splitserve.models.loader import load_model
+
+
+@dataclass(frozen=True)
+class Placeholders:
+    """Tokens of a step that are still on the device (async scheduling): the scheduled request
+    ``i`` whose ``rows[i] >= 0`` has a placeholder as its last token, and its value is
+    ``tokens[rows[i]]``, the previous step's sampled tokens."""
+
+    tokens: torch.Tensor  # [num_sampled_last_step], on the runner's device
+    rows: list[int]  # per scheduled request; -1: no placeholder
 
 
 class ModelRunner:
@@ -111,11 +123,20 @@ class ModelRunner:
             meta = with_device_tensors(meta, self.device)
         return torch.tensor(input_ids, dtype=torch.long, device=self.device), pos.to(self.device), meta, sample_rows
 
+    supports_placeholders = True  # execute takes Placeholders (a TP group does not yet)
+
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Computes the scheduled tokens' KV; returns logits [num_sampling_requests, vocab]."""
+    def execute(self, out: SchedulerOutput, placeholders: Placeholders | None = None) -> torch.Tensor:
+        """Computes the scheduled tokens' KV; returns logits [num_sampling_requests, vocab].
+
+        Queued on the device, not waited for: reading the logits is what waits."""
         if self.graphs is not None and self.graphs.can_run(out):
-            return self.graphs.run(out)
+            return self.graphs.run(out, placeholders)
         input_ids, positions, meta, sample_rows = self.prepare(out)
+        if placeholders is not None:
+            ends = meta.query_start_loc[1:]
+            at = [ends[i] - 1 for i, row in enumerate(placeholders.rows) if row >= 0]
+            rows = [row for row in placeholders.rows if row >= 0]
+            input_ids[torch.tensor(at, device=self.device)] = placeholders.tokens[torch.tensor(rows, device=self.device)]
         hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
         return self.model.compute_logits(hidden[sample_rows])

@@ -9,6 +9,9 @@ from splitserve.engine.prefix_hash import BlockHash, hash_block_tokens
 from splitserve.engine.sampling_params import SamplingParams
 
 
+PLACEHOLDER = -1  # an output token sampled on the device and not yet read back (async scheduling)
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # blocks allocated, KV on its way
@@ -52,6 +55,7 @@ class Request:
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
     finish_reason: FinishReason | None = field(default=None, init=False)
     block_hashes: list[BlockHash] = field(default_factory=list, init=False)
+    num_pending_tokens: int = field(default=0, init=False)  # trailing PLACEHOLDERs, 0 or 1
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -78,9 +82,23 @@ class Request:
         if logprob is not None:
             self.output_logprobs.append(logprob)
 
+    def append_placeholder(self) -> None:
+        """A token was sampled on the device and is still on its way: it holds a place in the
+        sequence (the next step computes it from the device copy) until ``resolve_placeholder``."""
+        assert self.num_pending_tokens == 0, "one step in flight at most"
+        self.output_token_ids.append(PLACEHOLDER)
+        self.all_token_ids.append(PLACEHOLDER)
+        self.num_pending_tokens = 1
+
+    def resolve_placeholder(self, token_id: int) -> None:
+        assert self.num_pending_tokens == 1 and self.output_token_ids[-1] == PLACEHOLDER
+        self.output_token_ids[-1] = self.all_token_ids[-1] = token_id
+        self.num_pending_tokens = 0
+
     def update_block_hashes(self, block_size: int, extra_keys: tuple[str, ...] = ()) -> list[BlockHash]:
-        """Extends ``block_hashes`` to cover every full block of ``all_token_ids``."""
-        for start in range(len(self.block_hashes) * block_size, self.num_tokens - block_size + 1, block_size):
+        """Extends ``block_hashes`` to cover every full block of known tokens (a placeholder is not)."""
+        known = self.num_tokens - self.num_pending_tokens
+        for start in range(len(self.block_hashes) * block_size, known - block_size + 1, block_size):
             parent = self.block_hashes[-1] if self.block_hashes else None
             self.block_hashes.append(hash_block_tokens(parent, self.all_token_ids[start : start + block_size], extra_keys))
         return self.block_hashes
@@ -93,6 +111,10 @@ class Request:
         params = self.sampling_params
         if (not params.ignore_eos and last in self.eos_token_ids) or last in params.stop_token_ids:
             return FinishReason.STOP
-        if self.num_output_tokens >= params.max_tokens or self.num_tokens >= max_model_len:
+        if self.length_reached(max_model_len):
             return FinishReason.LENGTH
         return None
+
+    def length_reached(self, max_model_len: int) -> bool:
+        """No token may follow the newest one (placeholders count: their place is certain)."""
+        return self.num_output_tokens >= self.sampling_params.max_tokens or self.num_tokens >= max_model_len

@@ -75,6 +75,20 @@ class Sampler:
             results.append((token_id, TokenLogprob(token_id, row[token_id].item(), top)))
         return results
 
+    @staticmethod
+    def samples_on_device(requests: Sequence[Request]) -> bool:
+        """Whether ``sample_on_device`` serves every one of ``requests`` (greedy, nothing to report)."""
+        return all(
+            r.sampling_params.greedy and not r.sampling_params.has_penalties
+            and not (r.sampling_params.logprobs or r.sampling_params.top_logprobs)
+            for r in requests
+        )
+
+    @staticmethod
+    def sample_on_device(logits: torch.Tensor) -> torch.Tensor:
+        """Token ids [num_requests] on the logits' device, queued there: nothing waits."""
+        return logits.argmax(dim=-1)
+
     def _sample_one(self, logits: torch.Tensor, request: Request) -> int:
         params = request.sampling_params
         logits = apply_penalties(logits, request)

@@ -134,6 +134,8 @@ class Scheduler:
         for request in list(self.running):
             if request.request_id in preempted:
                 continue  # preempted to make room for an earlier request this step
+            if request.num_pending_tokens and request.length_reached(self.max_model_len):
+                continue  # its token in flight is its last: it finishes when that arrives
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
@@ -218,27 +220,37 @@ class Scheduler:
         self, out: SchedulerOutput, sampled: dict[str, tuple[int, TokenLogprob | None]]
     ) -> list[Request]:
         """Advances progress by what was computed and appends sampled tokens; returns the finished."""
+        self.advance(out)
         finished = []
+        for s in out.scheduled:
+            request = self.requests.get(s.request_id)
+            if request is not None and s.request_id in sampled:
+                token_id, logprob = sampled[s.request_id]
+                request.append_output(token_id, logprob)
+                if self.check_finished(request):
+                    finished.append(request)
+        return finished
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """The step's tokens are computed (or queued on the device to be): progress moves on."""
         for s in out.scheduled:
             request = self.requests.get(s.request_id)
             if request is None:
                 continue  # aborted while the step ran
             request.num_computed_tokens += len(s.token_ids)
             self.kv.cache_blocks(request)
-            if s.request_id not in sampled:
-                continue
-            token_id, logprob = sampled[s.request_id]
-            request.append_output(token_id, logprob)
-            reason = request.check_stop(self.max_model_len)
-            if reason is not None:
-                request.finish_reason = reason
-                finished.append(request)
-        for request in finished:
-            if request.request_id in self.hold_kv:
-                self._hold(request)
-            else:
-                self.finish_request(request.request_id, request.finish_reason)
-        return finished
+
+    def check_finished(self, request: Request) -> bool:
+        """Whether the newest output token ends ``request``; if so it is finished (or held)."""
+        reason = request.check_stop(self.max_model_len)
+        if reason is None:
+            return False
+        request.finish_reason = reason
+        if request.request_id in self.hold_kv:
+            self._hold(request)
+        else:
+            self.finish_request(request.request_id, reason)
+        return True
 
     def _hold(self, request: Request) -> None:
         """Finished, but its blocks stay pinned until ``finish_request`` releases them."""

@@ -31,21 +31,23 @@ def prompts_for(arch: str, lengths=(3, 17, 37, 70, 90)) -> list[list[int]]:
     return [[rng.randrange(3, 1000) for _ in range(n)] for n in lengths]
 
 
-def gpu_engine(model_dir, dtype, max_num_batched_tokens=2048) -> LLMEngine:
+def gpu_engine(model_dir, dtype, max_num_batched_tokens=2048, async_scheduling=None) -> LLMEngine:
     return LLMEngine(
         EngineConfig(
             model=ModelConfig(model_dir, dtype=dtype, device="cuda"),
             cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=128),
-            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens),
+            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, async_scheduling=async_scheduling),
         )
     )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("max_num_batched_tokens", [2048, 7], ids=["whole-prompts", "chunked-prefill"])
-def test_fp32_greedy_matches_transformers(arch, max_num_batched_tokens, tiny_checkpoint, run_engine, hf_reference):
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+def test_fp32_greedy_matches_transformers(arch, max_num_batched_tokens, async_scheduling, tiny_checkpoint, run_engine, hf_reference):
     model_dir = tiny_checkpoint(arch)
-    engine = gpu_engine(model_dir, torch.float32, max_num_batched_tokens)
+    engine = gpu_engine(model_dir, torch.float32, max_num_batched_tokens, async_scheduling)
+    assert engine.async_scheduling == async_scheduling
     prompts = prompts_for(arch)
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(prompts):
