@@ -238,26 +238,28 @@ def measure_engine(
     from splitserve.engine.engine import LLMEngine
     from splitserve.engine.sampling_params import SamplingParams
 
+    # Prompts of context - steps tokens all prefill in one step, so the batch decodes in lock-step
+    # and ends at ``context`` tokens: it fits the runner's blocks (sized for batch x context), and
+    # no request is preempted (a preempted batch is smaller and faster: not this measurement).
     config = EngineConfig(
         model=ModelConfig(model_dir, dtype=torch.bfloat16, device="cuda", max_model_len=runner.max_model_len),
         cache=CacheConfig(block_size=runner.block_size, num_blocks=runner.num_blocks, enable_prefix_caching=False),
         scheduler=SchedulerConfig(
-            max_num_seqs=batch, max_num_batched_tokens=16384, max_tokens_limit=max(4096, steps), async_scheduling=async_scheduling
+            max_num_seqs=batch, max_num_batched_tokens=batch * context, max_tokens_limit=max(4096, steps),
+            async_scheduling=async_scheduling,
         ),
     )
     engine = LLMEngine(config, runner=runner)
     params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"e{i}", [rng.randrange(3, 1000) for _ in range(context - 1)], params)
-    times, cpu_times = [], []
+        engine.add_request(f"e{i}", [rng.randrange(3, 1000) for _ in range(context - steps)], params)
+    times = []
     while engine.has_unfinished:
-        decoding = engine.scheduler.num_prompt_tokens_computed >= batch * (context - 1)
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start = time.perf_counter()
         engine.step()
-        if decoding:
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
-    steps_timed = times[2:]  # the first decode steps capture the graphs of the shrinking tail too
+        times.append(time.perf_counter() - start)
+    assert engine.scheduler.num_preemptions == 0, "the batch did not fit the runner's KV blocks"
+    steps_timed = times[3:-3]  # from the prefill step and the steps around it to the end of the batch
     row = {"batch": batch, "context": context, "step_ms": statistics.median(steps_timed) * 1e3, "decode_steps": len(steps_timed)}
     row["tokens_per_s"] = batch / row["step_ms"] * 1e3
     row["async_scheduling"] = engine.async_scheduling
