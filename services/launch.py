@@ -53,13 +53,11 @@ class RouterConfig:
     api_keys_file: Path | None = None  # None: no authentication
 
 
-def _announce(role: str, host: str, port: int, metrics_port: int | None, http_url: str | None = None) -> None:
+def _announce(role: str, host: str, port: int, metrics_port: int | None, *notes: str) -> None:
     line = READY.format(role=role, address=f"{host}:{port}")
     if metrics_port is not None:
         line += f" (metrics on :{metrics_port})"
-    if http_url is not None:
-        line += f" (OpenAI-compatible HTTP API at {http_url})"
-    print(line, flush=True)
+    print(line + "".join(f" ({note})" for note in notes), flush=True)
 
 
 async def serve_router(config: RouterConfig) -> None:
@@ -107,7 +105,7 @@ async def serve_router(config: RouterConfig) -> None:
         await http.start()
     _stop_on_signals(host, http, draining, config.listen.drain_seconds)
     http_url = None if http is None else f"{http.scheme}://{config.listen.host}:{http.port}/v1"
-    _announce("router", config.listen.host, port, metrics_port, http_url)
+    _announce("router", config.listen.host, port, metrics_port, *([f"OpenAI-compatible HTTP API at {http_url}"] if http_url else []))
     await host.server.wait_for_termination()
     if http is not None:
         await http.stop()
@@ -154,7 +152,7 @@ async def serve_worker(config: WorkerConfig, listen: Listen, tls: TLSConfig | No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
-    _announce(config.role, listen.host, port, metrics_port)
+    _announce(config.role, listen.host, port, metrics_port, f"async scheduling {'on' if runtime.engine.async_scheduling else 'off'}")
     failed = asyncio.ensure_future(runtime.failed.wait())
     await asyncio.wait([asyncio.ensure_future(stopping.wait()), failed], return_when=asyncio.FIRST_COMPLETED)
     if failed.done():

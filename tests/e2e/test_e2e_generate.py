@@ -1,4 +1,7 @@
-"""Through the public gRPC API of a real router, prefill and decode worker (one cluster for the module)."""
+"""Through the public gRPC API of a real router, prefill and decode worker (one cluster for the module).
+
+The workers run with async scheduling, as they do on a GPU by default: each engine step returns
+the tokens of the step before. The other e2e modules run the CPU's default, synchronous steps."""
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +24,7 @@ def cluster(e2e_model_dir):
     cluster = Cluster(
         e2e_model_dir,
         ["--max-tokens-limit", "512", "--log-level", "INFO", "--log-format", "json"],
-        ["--num-blocks", "256", "--max-num-batched-tokens", "64"],
+        ["--num-blocks", "256", "--max-num-batched-tokens", "64", "--async-scheduling", "on"],
     )
     cluster.add_workers(("prefill", "prefill-a"), ("decode", "decode-a"))
     yield cluster
@@ -173,6 +176,11 @@ def test_health_and_reflection_on_every_service(cluster):
             replies = list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
             names = {s.name for s in replies[0].list_services_response.service}
             assert service in names and "grpc.health.v1.Health" in names
+
+
+def test_the_workers_run_async_scheduling(cluster):
+    for worker in cluster.workers:
+        assert "async scheduling on" in worker.output()
 
 
 def test_model_info(cluster, e2e_model_dir):
