@@ -41,6 +41,17 @@ class AttentionMetadata:
         return len(self.context_lens)
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values as a tensor on ``device``, without waiting for the device: a plain copy
+    from pageable memory makes PyTorch synchronize the stream, which would stall the host
+    until the step before is done (async scheduling overlaps exactly that). The pinned
+    staging block is not reused before its copy ran (PyTorch's pinned allocator sees to it)."""
+    host = torch.as_tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def block_table_array(block_tables: list[list[int]], width: int | None = None) -> np.ndarray:
     """The ragged block tables as one [num_requests, width] int32 array, zero-padded."""
     width = width or max((len(t) for t in block_tables), default=1) or 1
@@ -61,7 +72,7 @@ def with_device_tensors(meta: AttentionMetadata, device: torch.device) -> Attent
         tile_start.extend(starts)
 
     def dev(values) -> torch.Tensor:
-        return torch.as_tensor(values, dtype=torch.int32).to(device)
+        return to_device(values, torch.int32, device)
 
     return dataclasses.replace(
         meta,

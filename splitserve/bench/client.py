@@ -41,20 +41,24 @@ def _finish_reason(value: int) -> str:
     return pb.FinishReason.Name(value).removeprefix("FINISH_REASON_").lower()
 
 
-def _message(request: BenchRequest, request_id: str, ignore_eos: bool) -> pb.GenerateRequest:
+def _message(request: BenchRequest, request_id: str, ignore_eos: bool, sampling: Sequence[tuple[str, float]] = ()) -> pb.GenerateRequest:
     message = pb.GenerateRequest(request_id=request_id, max_tokens=request.max_tokens, ignore_eos=ignore_eos)
     if request.prompt_token_ids is not None:
         message.token_ids.ids.extend(request.prompt_token_ids)
     else:
         message.text = request.prompt_text
-    return message  # sampling unset: the engine's default, greedy
+    for field, value in sampling:  # unset: the engine's default, greedy
+        setattr(message.sampling, field, value)
+    return message
 
 
 class GenerationClient:
     """Async client for one target, or several routers of one platform (requests go to them in
     turn, one channel each). Use as ``async with GenerationClient(...) as c``."""
 
-    def __init__(self, target: str | Sequence[str], request_timeout_s: float | None, ignore_eos: bool) -> None:
+    def __init__(
+        self, target: str | Sequence[str], request_timeout_s: float | None, ignore_eos: bool, sampling: Sequence[tuple[str, float]] = ()
+    ) -> None:
         targets = [target] if isinstance(target, str) else list(target)
         # A benchmark measures the server, never a proxy picked up from the environment.
         self._channels = [grpc.aio.insecure_channel(t, options=[("grpc.enable_http_proxy", 0)]) for t in targets]
@@ -62,6 +66,7 @@ class GenerationClient:
         self._stubs = itertools.cycle(self._all_stubs)
         self._timeout = request_timeout_s
         self._ignore_eos = ignore_eos
+        self._sampling = tuple(sampling)
 
     async def __aenter__(self) -> GenerationClient:
         return self
@@ -90,7 +95,7 @@ class GenerationClient:
         )
 
     async def generate(self, request: BenchRequest, request_id: str) -> RequestRecord:
-        message = _message(request, request_id, self._ignore_eos)
+        message = _message(request, request_id, self._ignore_eos, self._sampling)
         chunk_times: list[float] = []
         chunk_num_tokens: list[int] = []
         final: pb.Final | None = None

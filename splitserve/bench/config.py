@@ -49,6 +49,7 @@ class ClientConfig:
     request_timeout_s: float
     ready_timeout_s: float  # how long to wait for the server to answer GetModelInfo
     ignore_eos: bool = True
+    sampling: tuple[tuple[str, float], ...] = ()  # SamplingParams fields sent with each request; none: greedy
 
     def __post_init__(self) -> None:
         for target in self.targets:

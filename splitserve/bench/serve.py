@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes, assigned round-robin")
     d.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly the requested output length (default: on)")
+    d.add_argument("--temperature", type=float, default=None, help="sample at this temperature (default: greedy)")
+    d.add_argument("--top-p", type=float, default=None, help="with --temperature: nucleus sampling")
+    d.add_argument("--top-k", type=int, default=None, help="with --temperature: top-k sampling")
     d.add_argument("--inject-invalid", type=float, default=0.0, metavar="FRACTION",
                    help="send this fraction of requests with max_tokens over the server's limit (tests failure reporting)")
     d.add_argument("--seed", type=int, default=0, help="seeds prompts, arrivals and injected failures")
@@ -75,7 +78,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if num_prompts is None and args.dataset == "random":
         num_prompts = 100
     return BenchConfig(
-        client=ClientConfig(args.target, args.request_timeout, args.ready_timeout, args.ignore_eos),
+        client=ClientConfig(
+            args.target, args.request_timeout, args.ready_timeout, args.ignore_eos,
+            tuple((k, v) for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k)) if v is not None),
+        ),
         dataset=DatasetConfig(
             kind=args.dataset,
             num_prompts=num_prompts,
@@ -165,7 +171,7 @@ async def run(cfg: BenchConfig, argv: Sequence[str]) -> int:
     started_at = time.time()
     seeds = np.random.SeedSequence(cfg.seed)
     data_seeds, arrival_seed = seeds.spawn(2)
-    async with GenerationClient(cfg.client.targets, cfg.client.request_timeout_s, cfg.client.ignore_eos) as client:
+    async with GenerationClient(cfg.client.targets, cfg.client.request_timeout_s, cfg.client.ignore_eos, cfg.client.sampling) as client:
         try:
             info = await client.model_info(cfg.client.ready_timeout_s)
         except grpc.aio.AioRpcError as e:

@@ -76,6 +76,7 @@ class LLMEngine:
         self.async_scheduling = supported and (wanted if wanted is not None else self.runner.device.type == "cuda")
         self._in_flight: _InFlight | None = None
         self.num_discarded_rows = 0  # rows computed for requests that had stopped (async scheduling)
+        self.num_host_sampled_steps = 0  # async scheduling: steps that waited to sample on the host
 
     # -- requests ------------------------------------------------------------
 
@@ -173,13 +174,14 @@ class LLMEngine:
         if logits is None:
             pass
         elif self.sampler.samples_on_device(to_sample):
-            tokens = self.sampler.sample_on_device(logits)
+            tokens = self.sampler.sample_on_device(logits, to_sample)
             self.scheduler.advance(out)
             for request in to_sample:
                 if not request.is_finished:
                     request.append_placeholder()
             self._in_flight = self._queue_copy(to_sample, tokens)
-        else:  # a request needs the host (penalties, logprobs, seeds): this step is synchronous
+        else:  # a request needs the host (penalties, logprobs, a seed): this step is synchronous
+            self.num_host_sampled_steps += 1
             sampled = {
                 r.request_id: result for r, result in zip(to_sample, self.sampler(logits, to_sample)) if not r.is_finished
             }

@@ -8,7 +8,7 @@ import torch
 from splitserve.config import CacheConfig, ModelConfig
 from splitserve.engine.cuda_graphs import DecodeCUDAGraphs
 from splitserve.engine.scheduler import SchedulerOutput
-from splitserve.kernels.attention_metadata import AttentionMetadata, with_device_tensors
+from splitserve.kernels.attention_metadata import AttentionMetadata, to_device, with_device_tensors
 from splitserve.kernels.backend import select_backend
 from splitserve.models.layers import TPGroup
 from splitserve.models.loader import load_model
@@ -108,20 +108,21 @@ class ModelRunner:
             block_tables.append(s.block_ids)
             if s.sample:
                 sample_rows.append(query_start_loc[-1] - 1)
-        pos = torch.tensor(positions, dtype=torch.long)
         bs = self.block_size
         slot_block = [s.block_ids[p // bs] for s in out.scheduled for p in range(s.start_pos, s.start_pos + len(s.token_ids))]
+        # One pinned copy for the per-token rows (no stream sync: see to_device).
+        rows = to_device([input_ids, positions, slot_block, [p % bs for p in positions]], torch.long, self.device)
         meta = AttentionMetadata(
             query_start_loc=query_start_loc,
             context_lens=context_lens,
             block_tables=block_tables,
-            slot_block=torch.tensor(slot_block, dtype=torch.long).to(self.device),
-            slot_offset=(pos % self.block_size).to(self.device),
+            slot_block=rows[2],
+            slot_offset=rows[3],
             block_size=self.block_size,
         )
         if self.backend.needs_device_tensors:
             meta = with_device_tensors(meta, self.device)
-        return torch.tensor(input_ids, dtype=torch.long, device=self.device), pos.to(self.device), meta, sample_rows
+        return rows[0], rows[1], meta, sample_rows
 
     supports_placeholders = True  # execute takes Placeholders (a TP group does not yet)
 
@@ -136,7 +137,7 @@ class ModelRunner:
         if placeholders is not None:
             ends = meta.query_start_loc[1:]
             at = [ends[i] - 1 for i, row in enumerate(placeholders.rows) if row >= 0]
-            rows = [row for row in placeholders.rows if row >= 0]
-            input_ids[torch.tensor(at, device=self.device)] = placeholders.tokens[torch.tensor(rows, device=self.device)]
+            where = to_device([at, [row for row in placeholders.rows if row >= 0]], torch.long, self.device)
+            input_ids[where[0]] = placeholders.tokens[where[1]]
         hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
-        return self.model.compute_logits(hidden[sample_rows])
+        return self.model.compute_logits(hidden[to_device(sample_rows, torch.long, self.device)])

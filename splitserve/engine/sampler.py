@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from splitserve.engine.request import Request, TokenLogprob
+from splitserve.kernels.attention_metadata import to_device
 
 
 def apply_penalties(logits: torch.Tensor, request: Request) -> torch.Tensor:
@@ -45,15 +46,38 @@ def _truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> t
     return logits
 
 
+def truncate_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """``_truncate`` for a batch: row i keeps what ``_truncate(logits[i], top_k[i], top_p[i],
+    min_p[i])`` keeps, with one sort for all rows. ``logits``: [rows, vocab] float; the limits:
+    [rows] on the same device (top_k 0: none)."""
+    vocab = logits.shape[-1]
+    ordered, order = torch.sort(logits, dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    kth = ordered.gather(1, (k - 1).unsqueeze(1))
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))  # ties with the k-th stay, as in _truncate
+    probs = ordered.softmax(-1)
+    # The most likely token always stays; a row with top_p 1 drops nothing (its cumsum may round past 1).
+    drop = ((probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+    drop |= ordered == float("-inf")
+    logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return logits.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), float("-inf"))
+
+
 class Sampler:
-    """Samples one token per request. The engine's own generator serves requests without a seed."""
+    """Samples one token per request. The engine's own generators serve requests without a seed:
+    one on the host (per-request sampling) and one per device (batched sampling)."""
 
     def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
+        self._device_generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[tuple[int, TokenLogprob | None]]:
         """``logits``: [num_requests, vocab], any device and dtype."""
+        if self.samples_on_device(requests):
+            return [(token_id, None) for token_id in self.sample_on_device(logits, requests).tolist()]
         logits = logits.float()
         want_logprobs = any(r.sampling_params.logprobs or r.sampling_params.top_logprobs for r in requests)
         logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
@@ -77,17 +101,37 @@ class Sampler:
 
     @staticmethod
     def samples_on_device(requests: Sequence[Request]) -> bool:
-        """Whether ``sample_on_device`` serves every one of ``requests`` (greedy, nothing to report)."""
+        """Whether ``sample_on_device`` serves every one of ``requests``: greedy or unseeded
+        sampling, without penalties (they need each request's history) or logprobs to report."""
         return all(
-            r.sampling_params.greedy and not r.sampling_params.has_penalties
-            and not (r.sampling_params.logprobs or r.sampling_params.top_logprobs)
-            for r in requests
+            (p.greedy or p.seed is None) and not p.has_penalties and not (p.logprobs or p.top_logprobs)
+            for p in (r.sampling_params for r in requests)
         )
 
-    @staticmethod
-    def sample_on_device(logits: torch.Tensor) -> torch.Tensor:
-        """Token ids [num_requests] on the logits' device, queued there: nothing waits."""
-        return logits.argmax(dim=-1)
+    def sample_on_device(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+        """Token ids [num_requests] on the logits' device, queued there: nothing waits. Sampled
+        rows draw by the exponential race (argmax of p / E, E ~ Exp(1), picks i with chance p_i)."""
+        tokens = logits.argmax(dim=-1)
+        rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
+        if not rows:
+            return tokens
+        params = [requests[i].sampling_params for i in rows]
+        device = logits.device
+        index = to_device(rows, torch.long, device)
+        limits = to_device([[p.temperature, p.top_k, p.top_p, p.min_p] for p in params], torch.float32, device)
+        scaled = logits.index_select(0, index).float() / limits[:, 0:1]
+        if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+            scaled = truncate_rows(scaled, limits[:, 1].long(), limits[:, 2], limits[:, 3])
+        probs = scaled.softmax(-1)
+        noise = torch.empty_like(probs).exponential_(generator=self._device_generator(device))
+        return tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))
+
+    def _device_generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._device_generators:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed)
+            self._device_generators[device] = generator
+        return self._device_generators[device]
 
     def _sample_one(self, logits: torch.Tensor, request: Request) -> int:
         params = request.sampling_params

@@ -125,6 +125,19 @@ def test_injected_failures_are_reported_with_their_codes(router_target: str, tmp
     assert all(r["error_code"] is None for r in records if not r["injected_invalid"])
 
 
+def test_sampling_options_reach_the_server(router_target: str, tmp_path: Path, check_results) -> None:
+    common = ["--target", router_target, "--num-prompts", "4", "--input-len", "16", "--output-len", "6", "--num-warmups", "0",
+              "--request-timeout", "120", "--out", str(tmp_path), "--disable-tqdm"]
+    assert main([*common, "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20", "--label", "sampled"]) == 0
+    doc = check_results(tmp_path / "sampled.json", num_prompts=4, num_points=1)
+    assert doc["points"][0]["metrics"]["failed"] == 0
+    assert dict(doc["config"]["client"]["sampling"]) == {"temperature": 0.8, "top_p": 0.9, "top_k": 20}
+    # A temperature the server refuses fails every request, naming the field: it was sent (and the run exits 1).
+    assert main([*common, "--temperature", "-1", "--label", "refused"]) == 1
+    records = check_results(tmp_path / "refused.json", num_prompts=4, num_points=1)["points"][0]["records"]
+    assert all(r["error_code"] == "INVALID_ARGUMENT" and "temperature" in r["error_message"] for r in records)
+
+
 def test_bench_serve_spreads_requests_over_several_routers(router_target: str, tiny_model: Path, tmp_path: Path, check_results) -> None:
     """A second router of the same platform (the first router's store as its control plane):
     `--target A,B` sends requests to both in turn, and the second one serves its half."""

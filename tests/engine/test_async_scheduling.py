@@ -135,8 +135,9 @@ def test_host_sampled_requests_in_the_same_batch(llama_tiny_dir, make_engine):
         "d": (PROMPTS["d"], greedy(9, ignore_eos=True)),
         "e": (PROMPTS["e"], greedy(5, ignore_eos=True, logprobs=True)),
     }
-    expected, got, _, _ = both(make_engine, llama_tiny_dir, requests)
+    expected, got, _, overlapped = both(make_engine, llama_tiny_dir, requests)
     assert got == expected
+    assert overlapped.num_host_sampled_steps > 0
 
 
 def test_held_kv_for_a_prefill_worker(llama_tiny_dir, make_engine):
@@ -150,3 +151,17 @@ def test_held_kv_for_a_prefill_worker(llama_tiny_dir, make_engine):
     engine.release("p")
     assert engine.block_pool.num_free_blocks == engine.block_pool.num_blocks
 
+
+
+def test_unseeded_sampling_stays_on_the_device_and_matches(llama_tiny_dir, make_engine):
+    # Unseeded sampling is batched on the device (no synchronous step); with lengths known ahead the
+    # two engines run the same batches, so the same generator gives the same tokens.
+    requests = {
+        "a": (PROMPTS["a"], SamplingParams(max_tokens=7, temperature=0.9, top_p=0.8, ignore_eos=True)),
+        "b": (PROMPTS["b"], SamplingParams(max_tokens=9, temperature=1.3, top_k=5, ignore_eos=True)),
+        "c": (PROMPTS["c"], greedy(6, ignore_eos=True)),
+        "d": (PROMPTS["d"], SamplingParams(max_tokens=5, temperature=0.7, min_p=0.1, ignore_eos=True)),
+    }
+    expected, got, _, overlapped = both(make_engine, llama_tiny_dir, requests)
+    assert got == expected
+    assert overlapped.num_host_sampled_steps == 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from splitserve.engine.request import FinishReason, Request
-from splitserve.engine.sampler import Sampler, _truncate, apply_penalties
+from splitserve.engine.sampler import Sampler, _truncate, apply_penalties, truncate_rows
 from splitserve.engine.sampling_params import SamplingParams
 
 VOCAB = 64
@@ -84,6 +84,54 @@ def test_truncate_keeps_the_right_tokens(top_k, top_p, min_p, kept):
     out = _truncate(CRAFTED.clone(), top_k, top_p, min_p)
     assert {i for i in range(4) if out[i] > -math.inf} == kept
     assert torch.equal(out[list(kept)], CRAFTED[list(kept)])  # survivors are untouched
+
+
+TRUNCATIONS = [(2, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.7, 0.0), (0, 0.45, 0.0), (0, 0.81, 0.0), (0, 1.0, 0.5), (0, 1.0, 0.2), (3, 0.9, 0.5), (0, 1.0, 0.0)]
+
+
+def test_batched_truncation_keeps_what_the_per_request_one_keeps():
+    # One batch of rows with different limits, on crafted and on random logits of a real vocabulary size.
+    for logits in (CRAFTED.repeat(len(TRUNCATIONS), 1), torch.randn(len(TRUNCATIONS), 32000, generator=torch.Generator().manual_seed(3))):
+        limits = torch.tensor(TRUNCATIONS)
+        batched = truncate_rows(logits.clone(), limits[:, 0].long(), limits[:, 1], limits[:, 2])
+        for row, (top_k, top_p, min_p) in enumerate(TRUNCATIONS):
+            assert torch.equal(batched[row], _truncate(logits[row].clone(), int(top_k), top_p, min_p)), TRUNCATIONS[row]
+
+
+def test_one_batched_draw_follows_each_rows_own_distribution():
+    # 3000 rows per setting in one call: each row's token is an independent draw from its own truncated distribution.
+    settings = {
+        "top_k=3": (SamplingParams(top_k=3), {0: 0.5 / 0.95, 1: 0.3 / 0.95, 2: 0.15 / 0.95}),
+        "top_p=0.7": (SamplingParams(top_p=0.7), {0: 0.5 / 0.8, 1: 0.3 / 0.8}),
+        "min_p=0.2": (SamplingParams(min_p=0.2), {0: 0.5 / 0.95, 1: 0.3 / 0.95, 2: 0.15 / 0.95}),
+        "plain": (SamplingParams(), {0: 0.5, 1: 0.3, 2: 0.15, 3: 0.05}),
+        "greedy": (SamplingParams(temperature=0.0), {0: 1.0}),
+    }
+    n = 3000
+    requests = [request(params, request_id=f"{name}-{i}") for name, (params, _) in settings.items() for i in range(n)]
+    sampler = Sampler()
+    assert sampler.samples_on_device(requests)
+    tokens = sampler.sample_on_device(CRAFTED.repeat(len(requests), 1), requests).tolist()
+    for k, (name, (_, expected)) in enumerate(settings.items()):
+        counts = Counter(tokens[k * n : (k + 1) * n])
+        assert set(counts) == set(expected), name
+        for token, p in expected.items():
+            assert counts[token] / n == pytest.approx(p, abs=0.03), (name, token)
+
+
+def test_batched_temperature_sharpens_and_flattens():
+    hot, cold = SamplingParams(temperature=2.0), SamplingParams(temperature=0.25)
+    requests = [request(hot)] * 2000 + [request(cold)] * 2000
+    tokens = Sampler().sample_on_device(CRAFTED.repeat(4000, 1), requests).tolist()
+    # p^(1/T), renormalised: token 0 has 0.379 of the mass at T=2, 0.879 at T=0.25.
+    assert Counter(tokens[:2000])[0] / 2000 == pytest.approx(0.379, abs=0.03)
+    assert Counter(tokens[2000:])[0] / 2000 == pytest.approx(0.879, abs=0.03)
+
+
+def test_seeded_penalised_and_logprob_requests_are_sampled_on_the_host():
+    assert Sampler.samples_on_device([request(SamplingParams()), request(SamplingParams(temperature=0.0))])
+    for params in (SamplingParams(seed=1), SamplingParams(repetition_penalty=1.2), SamplingParams(logprobs=True)):
+        assert not Sampler.samples_on_device([request(SamplingParams()), request(params)])
 
 
 def test_sampling_stays_inside_the_truncated_set_and_follows_the_distribution():
