@@ -14,7 +14,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 python3 -m splitserve.cli model init /tmp/qwen3 --arch qwen3 --preset qwen3-0.6b --device cuda --overwrite
 # MODES: the worker's --async-scheduling for each serving run, in turn (default: "auto off",
 # async scheduling against the synchronous engine in the same call); the offline engine runs
-# with each mode too. Records go under $OUT/serve-<mode>.
+# with each mode too (OFFLINE=0: not). Records go under $OUT/serve-<mode>, packed into
+# $OUT/serve${TAG:+-$TAG}.tgz. SAMPLING: bench serve's sampling flags (default greedy), e.g.
+# SAMPLING="--temperature 1.0 --top-p 0.95".
 serve() {
 mode=$1
 python3 -m splitserve.cli router --model /tmp/qwen3 --port 50051 --http-port 0 --metrics-port -1 \
@@ -49,15 +51,16 @@ if [ "${PROFILE:-0}" = 1 ]; then
 fi
 $CLIENT python3 -m splitserve.cli bench serve --target $TARGETS --dataset random --num-prompts 500 \
     --input-len 512 --output-len 128 --request-rate inf --seed 0 --num-warmups 8 --disable-tqdm \
-    --out "$OUT/serve-$mode" --label qwen3-0.6b-colocated-async-$mode 2>&1 | tee "$OUT/serve-$mode.log" | tail -45
+    ${SAMPLING:-} --out "$OUT/serve-$mode" --label qwen3-0.6b-colocated-async-$mode${TAG:+-$TAG} 2>&1 | tee "$OUT/serve-$mode.log" | tail -45
 pkill -f "splitserve.cli (router|decode)"; sleep 3
+[ "${OFFLINE:-1}" = 1 ] || return 0
 python3 bench/offline_throughput.py --model /tmp/qwen3 --device cuda --dtype bfloat16 --batch-size 256 \
     --num-prompts 500 --input-len 512 --output-len 128 --async-scheduling $mode \
     --out "$OUT/offline-$mode.json" 2>&1 | tail -12 | tee "$OUT/offline-$mode.log"
 }
 for mode in ${MODES:-auto off}; do serve $mode; done
 grep -h "Request throughput\|Output token throughput\|Mean TPOT\|label" "$OUT"/serve-*.log
-grep -H "requests/s" "$OUT"/offline-*.log
+grep -H "requests/s" "$OUT"/offline-*.log 2>/dev/null
 # The device tool returns only a few files per call: pack the run's records and logs into one.
-(cd "$OUT" && tar czf serve.tgz serve-* offline-*.log install.log router*.log decode*.log $(ls -d profile-* 2>/dev/null) \
-    && rm -rf serve-* offline-*.log install.log router*.log decode*.log profile-*)
+(cd "$OUT" && tar czf serve${TAG:+-$TAG}.tgz serve-*/ serve-*.log $(ls offline-*.log 2>/dev/null) install.log router*.log decode-*.log $(ls -d profile-* 2>/dev/null) \
+    && rm -rf serve-*/ serve-*.log offline-*.log install.log router*.log decode-*.log profile-*)

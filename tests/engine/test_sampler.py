@@ -98,7 +98,11 @@ def test_batched_truncation_keeps_what_the_per_request_one_keeps():
             assert torch.equal(batched[row], _truncate(logits[row].clone(), int(top_k), top_p, min_p)), TRUNCATIONS[row]
 
 
-def test_one_batched_draw_follows_each_rows_own_distribution():
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_one_batched_draw_follows_each_rows_own_distribution(device):
     # 3000 rows per setting in one call: each row's token is an independent draw from its own truncated distribution.
     settings = {
         "top_k=3": (SamplingParams(top_k=3), {0: 0.5 / 0.95, 1: 0.3 / 0.95, 2: 0.15 / 0.95}),
@@ -111,7 +115,7 @@ def test_one_batched_draw_follows_each_rows_own_distribution():
     requests = [request(params, request_id=f"{name}-{i}") for name, (params, _) in settings.items() for i in range(n)]
     sampler = Sampler()
     assert sampler.samples_on_device(requests)
-    tokens = sampler.sample_on_device(CRAFTED.repeat(len(requests), 1), requests).tolist()
+    tokens = sampler.sample_on_device(CRAFTED.repeat(len(requests), 1).to(device), requests).tolist()
     for k, (name, (_, expected)) in enumerate(settings.items()):
         counts = Counter(tokens[k * n : (k + 1) * n])
         assert set(counts) == set(expected), name
