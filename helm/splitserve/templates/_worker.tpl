@@ -14,6 +14,9 @@ so their resources share these bodies. Each takes (dict "ctx" $ "component" "pre
 {{- if le (int $.Values.kvTransfer.endPort) (int $.Values.kvTransfer.port) -}}
 {{- fail (printf "kvTransfer.endPort (%d) must be above kvTransfer.port (%d)" (int $.Values.kvTransfer.endPort) (int $.Values.kvTransfer.port)) -}}
 {{- end -}}
+{{- if and (gt $tp 1) (has (toString $pool.asyncScheduling) (list "on" "true")) -}}
+{{- fail (printf "%s.asyncScheduling is on with tpSize %d: a tensor-parallel worker does not support it yet (use auto)" .component $tp) -}}
+{{- end -}}
 {{- if and $pool.autoscaling.enabled $.Values.planner.enabled -}}
 {{- fail (printf "%s.autoscaling.enabled and planner.enabled both set the %s Deployment's replicas: enable one" .component .component) -}}
 {{- end -}}
@@ -74,6 +77,8 @@ spec:
             - --tp-size={{ $tp }}
             - --max-num-seqs={{ int $pool.maxNumSeqs }}
             - --max-num-batched-tokens={{ int $pool.maxNumBatchedTokens }}
+            {{- $async := toString $pool.asyncScheduling }}
+            - --async-scheduling={{ if eq $async "true" }}on{{ else if eq $async "false" }}off{{ else }}{{ $async }}{{ end }}
             - --control-plane={{ include "splitserve.redisUrl" $ }}
             {{- if $mtls.enabled }}
             - --tls-cert=/etc/splitserve/internal-tls/tls.crt
