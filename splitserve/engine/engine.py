@@ -72,7 +72,7 @@ class LLMEngine:
         supported = getattr(self.runner, "supports_placeholders", False)
         wanted = config.scheduler.async_scheduling
         if wanted and not supported:
-            raise ConfigError("async_scheduling needs a single-rank model runner; tensor parallelism does not support it yet")
+            raise ConfigError(f"async_scheduling: {type(self.runner).__name__} does not take placeholders")
         self.async_scheduling = supported and (wanted if wanted is not None else self.runner.device.type == "cuda")
         self._in_flight: _InFlight | None = None
         self.num_discarded_rows = 0  # rows computed for requests that had stopped (async scheduling)

@@ -36,6 +36,7 @@ class ModelRunner:
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, tp: TPGroup = TPGroup()) -> None:
         self.device = torch.device(model_config.device)
+        self.tp = tp
         self.bind_thread()
         self.block_size = cache_config.block_size
         arch_max_len = self._peek_max_len(model_config)
@@ -124,13 +125,17 @@ class ModelRunner:
             meta = with_device_tensors(meta, self.device)
         return rows[0], rows[1], meta, sample_rows
 
-    supports_placeholders = True  # execute takes Placeholders (a TP group does not yet)
+    supports_placeholders = True  # execute takes Placeholders (async scheduling)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, placeholders: Placeholders | None = None) -> torch.Tensor:
         """Computes the scheduled tokens' KV; returns logits [num_sampling_requests, vocab].
 
-        Queued on the device, not waited for: reading the logits is what waits."""
+        Queued on the device, not waited for: reading the logits is what waits. In a TP group
+        rank 0 holds the placeholders' tokens (its engine sampled them) and the other ranks an
+        empty buffer of their size: a broadcast on the device fills it, in step order."""
+        if placeholders is not None:
+            self.tp.broadcast_from_first(placeholders.tokens)
         if self.graphs is not None and self.graphs.can_run(out):
             return self.graphs.run(out, placeholders)
         input_ids, positions, meta, sample_rows = self.prepare(out)

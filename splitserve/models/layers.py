@@ -26,6 +26,13 @@ class TPGroup:
             torch.distributed.all_reduce(x, group=self.group)
         return x
 
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``x`` into every rank's ``x`` (queued on the device: the host does not wait)."""
+        if self.size > 1:
+            src = torch.distributed.get_global_rank(self.group, 0) if self.group is not None else 0
+            torch.distributed.broadcast(x, src=src, group=self.group)
+        return x
+
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x

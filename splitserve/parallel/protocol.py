@@ -67,16 +67,29 @@ class Channel:
         self.conn.close()
 
 
-def encode_step(out: SchedulerOutput) -> dict:
+def encode_step(out: SchedulerOutput, placeholders=None) -> dict:
+    """``placeholders`` (model_runner.Placeholders): the rows go along, the tokens follow on the
+    device (rank 0 broadcasts them; the message says how many)."""
     return {
         "scheduled": [[s.request_id, s.token_ids, s.start_pos, s.block_ids, s.sample] for s in out.scheduled],
         "preempted_ids": out.preempted_ids,
+        "placeholder_rows": placeholders.rows if placeholders is not None else None,
+        "num_sampled": len(placeholders.tokens) if placeholders is not None else 0,
     }
 
 
 def decode_step(msg: dict) -> SchedulerOutput:
     scheduled = [ScheduledRequest(rid, tokens, start, blocks, sample) for rid, tokens, start, blocks, sample in msg["scheduled"]]
     return SchedulerOutput(scheduled=scheduled, preempted_ids=msg["preempted_ids"])
+
+
+def decode_placeholders(msg: dict, device: torch.device):
+    """The step's Placeholders on a rank other than 0: the rows, and a buffer for rank 0's broadcast."""
+    from splitserve.engine.model_runner import Placeholders
+
+    if msg.get("placeholder_rows") is None:
+        return None
+    return Placeholders(torch.empty(msg["num_sampled"], dtype=torch.long, device=device), msg["placeholder_rows"])
 
 
 def encode_config(config) -> dict:

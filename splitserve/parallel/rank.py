@@ -72,7 +72,8 @@ def _follow(channel: p.Channel, runner: ModelRunner, transfers: TransferThread |
         msg = channel.recv()
         kind = msg["kind"]
         if kind == p.STEP:
-            runner.execute(p.decode_step(msg))  # on CUDA, queued: a fault surfaces at a later step or collective
+            # On CUDA, queued: a fault surfaces at a later step or collective.
+            runner.execute(p.decode_step(msg), p.decode_placeholders(msg, runner.device))
             channel.send(p.STEP_DONE)
         elif kind == p.SHUTDOWN:
             if transfers is not None:

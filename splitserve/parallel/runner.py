@@ -218,14 +218,16 @@ class TPModelRunner:
     def bind_thread(self) -> None:
         self.local.bind_thread()
 
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+    supports_placeholders = True  # rank 0 broadcasts the tokens the placeholders stand for
+
+    def execute(self, out: SchedulerOutput, placeholders=None) -> torch.Tensor:
         """Runs one step on every rank; returns rank 0's logits (gathered over the vocabulary)."""
         self._raise_if_failed()
-        step = p.encode_step(out)
+        step = p.encode_step(out, placeholders)
         try:
             for handle in self.ranks:
                 handle.channel.send(p.STEP, **step)
-            logits = self.local.execute(out)
+            logits = self.local.execute(out, placeholders)
         except Exception as e:
             self._lost(self._cause_of(e))
             raise self.error from e

@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from splitserve.config import CacheConfig, ConfigError, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from splitserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.sampling_params import SamplingParams
@@ -59,9 +59,11 @@ def check_tp2_against_tp1_and_transformers(model_dir, hf_reference) -> TPModelRu
     runner = TPModelRunner(config2.model, config2.cache, config2.parallel)
     try:
         assert generate(LLMEngine(config2, runner)) == expected
-        overlapped = dataclasses.replace(config2, scheduler=SchedulerConfig(async_scheduling=True))
-        with pytest.raises(ConfigError, match="async_scheduling needs a single-rank"):
-            LLMEngine(overlapped, runner)  # not yet: the other ranks would need the device's tokens
+        # Async scheduling: rank 0 broadcasts the tokens its placeholders stand for to the other ranks.
+        overlapped = dataclasses.replace(config2, scheduler=dataclasses.replace(config2.scheduler, async_scheduling=True))
+        engine = LLMEngine(overlapped, runner)
+        assert engine.async_scheduling
+        assert generate(engine) == expected
         torch.testing.assert_close(prefill_logits(runner), prefill_logits(tp1), rtol=1e-4, atol=1e-4)
     except BaseException:
         runner.close()
