@@ -200,10 +200,7 @@ def test_async_scheduling_is_per_pool_and_takes_yaml_booleans(chart):
     assert flags(container(render(chart, {"prefill": {"asyncScheduling": "on"}}), "prefill"))["async-scheduling"] == "on"
     with pytest.raises(Exception, match="asyncScheduling"):
         chart.render({"decode": {"asyncScheduling": "sometimes"}}, name=RELEASE, namespace=NAMESPACE)
-    # The worker would refuse it at start (a TP group does not support it yet): the chart says so first.
-    with pytest.raises(Exception, match="asyncScheduling is on with tpSize 2"):
-        chart.render({"prefill": {"asyncScheduling": True, "tpSize": 2}}, name=RELEASE, namespace=NAMESPACE)
-    assert flags(container(render(chart, {"prefill": {"tpSize": 2}}), "prefill"))["async-scheduling"] == "auto"
+    assert flags(container(render(chart, {"prefill": {"tpSize": 2, "asyncScheduling": True}}), "prefill"))["async-scheduling"] == "on"
 
 
 def test_tp_size_wins_over_a_gpu_count_in_resources(chart):

@@ -14,9 +14,6 @@ so their resources share these bodies. Each takes (dict "ctx" $ "component" "pre
 {{- if le (int $.Values.kvTransfer.endPort) (int $.Values.kvTransfer.port) -}}
 {{- fail (printf "kvTransfer.endPort (%d) must be above kvTransfer.port (%d)" (int $.Values.kvTransfer.endPort) (int $.Values.kvTransfer.port)) -}}
 {{- end -}}
-{{- if and (gt $tp 1) (has (toString $pool.asyncScheduling) (list "on" "true")) -}}
-{{- fail (printf "%s.asyncScheduling is on with tpSize %d: a tensor-parallel worker does not support it yet (use auto)" .component $tp) -}}
-{{- end -}}
 {{- if and $pool.autoscaling.enabled $.Values.planner.enabled -}}
 {{- fail (printf "%s.autoscaling.enabled and planner.enabled both set the %s Deployment's replicas: enable one" .component .component) -}}
 {{- end -}}
