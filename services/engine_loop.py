@@ -37,6 +37,7 @@ class EngineStats:
     num_prompt_tokens_computed: int = 0
     num_prefix_hit_tokens: int = 0
     num_preemptions: int = 0
+    num_discarded_rows: int = 0  # async scheduling: rows computed for requests that had stopped
     num_tokens_in_flight: int = 0  # accepted prompt tokens not computed yet
 
 
@@ -240,5 +241,6 @@ class EngineLoop:
             num_prompt_tokens_computed=s.num_prompt_tokens_computed,
             num_prefix_hit_tokens=s.num_prefix_hit_tokens,
             num_preemptions=s.num_preemptions,
+            num_discarded_rows=self.engine.num_discarded_rows,
             num_tokens_in_flight=sum(r.num_tokens - r.num_computed_tokens for r in [*s.waiting, *s.running]),
         )

@@ -23,6 +23,10 @@ class ServiceMetrics:
         self.kv_free = Gauge("splitserve_kv_blocks_free", "KV blocks free (cached ones included)", ["role"], registry=r)
         self.prompt_tokens = Counter("splitserve_prompt_tokens", "Prompt tokens seen", ["role"], registry=r)
         self.prefix_hits = Counter("splitserve_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", ["role"], registry=r)
+        self.preemptions = Counter("splitserve_preemptions", "Running requests preempted for KV blocks (recomputed later)", ["role"], registry=r)
+        self.discarded_rows = Counter(
+            "splitserve_discarded_rows", "Rows computed for requests that had stopped meanwhile (async scheduling)", ["role"], registry=r
+        )
         self.kv_bytes = Counter("splitserve_kv_transfer_bytes", "KV bytes moved between workers", ["role"], registry=r)
         self.routing = Counter("splitserve_routing_decisions", "Routing decisions by pool, policy and reason", ["role", "policy", "reason"], registry=r)
         self.kv_seconds = Histogram("splitserve_kv_transfer_seconds", "KV transfer time", ["role"], buckets=LATENCY_BUCKETS, registry=r)

@@ -13,7 +13,7 @@ from splitserve.engine.engine import LLMEngine
 from splitserve.engine.warmup import warm_up
 from splitserve.kvtransfer import KVLayout, KVTransferAgent
 from splitserve.parallel import KVAgentSpec, KVGroup, PeerWorker, RankAgent, TPOptions, make_runner
-from splitserve.services.engine_loop import EngineLoop
+from splitserve.services.engine_loop import EngineLoop, EngineStats
 from splitserve.services.metrics import ServiceMetrics
 from splitserve.v1 import worker_pb2 as worker_pb
 
@@ -154,13 +154,18 @@ class WorkerRuntime:
         self.spawn(self.presence.publish(group_kv_events(events)))
 
     async def _observe(self) -> None:
-        last_prompt, last_hits = 0, 0
+        role = self.config.role
+        last = EngineStats()
         while True:
             s = self.loop.stats
             self.metrics.observe_engine(s)
-            self.metrics.prompt_tokens.labels(self.config.role).inc(s.num_prompt_tokens_computed + s.num_prefix_hit_tokens - last_prompt)
-            self.metrics.prefix_hits.labels(self.config.role).inc(s.num_prefix_hit_tokens - last_hits)
-            last_prompt, last_hits = s.num_prompt_tokens_computed + s.num_prefix_hit_tokens, s.num_prefix_hit_tokens
+            # The engine counts from its start; the Prometheus counters take the increments.
+            seen = s.num_prompt_tokens_computed + s.num_prefix_hit_tokens
+            self.metrics.prompt_tokens.labels(role).inc(seen - last.num_prompt_tokens_computed - last.num_prefix_hit_tokens)
+            self.metrics.prefix_hits.labels(role).inc(s.num_prefix_hit_tokens - last.num_prefix_hit_tokens)
+            self.metrics.preemptions.labels(role).inc(s.num_preemptions - last.num_preemptions)
+            self.metrics.discarded_rows.labels(role).inc(s.num_discarded_rows - last.num_discarded_rows)
+            last = s
             await asyncio.sleep(0.5)
 
     def stats(self, extra: dict | None = None) -> worker_pb.WorkerStats:

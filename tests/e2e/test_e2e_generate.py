@@ -202,6 +202,29 @@ def test_metrics_on_every_service(cluster):
         assert f'splitserve_kv_blocks_free{{role="{role}"}}' in texts[role]
         assert "splitserve_waiting_requests" in texts[role]
     assert 'splitserve_kv_transfer_bytes_total{role="decode"}' in texts["decode"]
+    assert 'splitserve_preemptions_total{role="decode"}' in texts["decode"]
+
+
+def test_a_stop_token_found_with_the_next_row_queued_counts_a_discarded_row(cluster, reference):
+    """With async scheduling the decode worker has queued a request's next step before it reads
+    back the token that stops it: that row is computed for nothing, and the metric says so."""
+    import urllib.request
+
+    prompt = list(range(40, 52))
+    tokens = reference(prompt, 8)
+    stop_at = next(i for i in range(2, 8) if tokens[i] not in tokens[:i])  # a token the decode worker samples
+    decode = next(w for w in cluster.workers if w.role == "decode")
+
+    def discarded() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{decode.metrics_port}/metrics", timeout=10).read().decode()
+        line = next((l for l in text.splitlines() if l.startswith('splitserve_discarded_rows_total{role="decode"}')), None)
+        return float(line.split()[-1]) if line else 0.0
+
+    before = discarded()
+    result = Client(cluster.address).complete(prompt, max_tokens=8, stop_token_ids=[tokens[stop_at]], ignore_eos=True, timeout=60)
+    assert result.token_ids == tokens[: stop_at + 1] and result.finish_reason == "stop"
+    assert wait_until(lambda: discarded() >= before + 1)
+    _assert_blocks_all_free(cluster)
 
 
 def test_structured_logs_carry_the_request_id(cluster):
