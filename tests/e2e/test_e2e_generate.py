@@ -272,19 +272,22 @@ def test_a_decode_stream_read_slowly_batches_its_tokens_and_stays_exact(cluster,
                 for i in range(num_requests)
             ])
             tokens: dict[str, list[int]] = {f"slow-{i}": [] for i in range(num_requests)}
-            messages = 0
+            messages = most_merged = 0
             async for message in worker_pb2_grpc.DecodeWorkerStub(channel).Decode(commands, timeout=120):
                 for update in message.updates:
                     assert not update.error_code, update
                     tokens[update.request_id] += [t.token_id for t in update.tokens]
+                    most_merged = max(most_merged, len(update.tokens))
                 messages += 1
                 await asyncio.sleep(0.1)
-            return tokens, messages
+            return tokens, messages, most_merged
 
-    tokens, messages = asyncio.run(read_slowly())
+    tokens, messages, most_merged = asyncio.run(read_slowly())
     expected = reference(prompt, max_tokens)
     assert all(t == expected for t in tokens.values()), {r: len(t) for r, t in tokens.items()}
-    assert messages < max_tokens / 2, f"{max_tokens} steps came in {messages} messages"
+    # How many messages depends on the timing (60-76 seen on 2 cores); that steps were merged does not.
+    assert most_merged >= 4, f"at most {most_merged} steps of a request came in one message"
+    assert messages < max_tokens, f"{max_tokens} steps came in {messages} messages"
     _assert_blocks_all_free(cluster)
 
 
