@@ -104,8 +104,8 @@ async def serve_router(config: RouterConfig) -> None:
     if http is not None:
         await http.start()
     _stop_on_signals(host, http, draining, config.listen.drain_seconds)
-    http_url = None if http is None else f"{http.scheme}://{config.listen.host}:{http.port}/v1"
-    _announce("router", config.listen.host, port, metrics_port, *([f"OpenAI-compatible HTTP API at {http_url}"] if http_url else []))
+    notes = [] if http is None else [f"OpenAI-compatible HTTP API at {http.scheme}://{config.listen.host}:{http.port}/v1"]
+    _announce("router", config.listen.host, port, metrics_port, *notes)
     await host.server.wait_for_termination()
     if http is not None:
         await http.stop()

@@ -160,9 +160,9 @@ class WorkerRuntime:
             s = self.loop.stats
             self.metrics.observe_engine(s)
             # The engine counts from its start; the Prometheus counters take the increments.
-            seen = s.num_prompt_tokens_computed + s.num_prefix_hit_tokens
-            self.metrics.prompt_tokens.labels(role).inc(seen - last.num_prompt_tokens_computed - last.num_prefix_hit_tokens)
-            self.metrics.prefix_hits.labels(role).inc(s.num_prefix_hit_tokens - last.num_prefix_hit_tokens)
+            hits = s.num_prefix_hit_tokens - last.num_prefix_hit_tokens
+            self.metrics.prompt_tokens.labels(role).inc(s.num_prompt_tokens_computed - last.num_prompt_tokens_computed + hits)
+            self.metrics.prefix_hits.labels(role).inc(hits)
             self.metrics.preemptions.labels(role).inc(s.num_preemptions - last.num_preemptions)
             self.metrics.discarded_rows.labels(role).inc(s.num_discarded_rows - last.num_discarded_rows)
             last = s

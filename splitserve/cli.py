@@ -30,7 +30,7 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait beyond --max-num-seqs; past that new ones are refused (RESOURCE_EXHAUSTED)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
-                   help="schedule step N+1 while the GPU runs step N; auto: on for a single-rank GPU worker")
+                   help="schedule step N+1 while the GPU runs step N; auto: on, on a GPU")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--tp-size", type=int, default=1,
                    help="tensor-parallel size: one process per rank, on --device and the next GPUs (gloo on CPU); the KV pool of any TP size can exchange KV with this one")

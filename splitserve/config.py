@@ -87,7 +87,7 @@ class SchedulerConfig:
     max_waiting: int = 1024  # queue bound; past it new requests are refused
     max_tokens_limit: int = 4096  # the largest max_tokens a request may ask for
     # Schedule step N+1 while the device runs step N (outputs come one step later). None: on
-    # where it pays, a single-rank runner on a GPU; True also runs it on the CPU (tests).
+    # where it pays, on a GPU (TP groups included); True also runs it on the CPU (tests).
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:

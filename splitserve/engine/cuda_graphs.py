@@ -8,10 +8,15 @@ so they read no KV and write none. Prefill and mixed batches run eagerly.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from splitserve.engine.scheduler import SchedulerOutput
 from splitserve.kernels.attention_metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from splitserve.engine.model_runner import Placeholders  # model_runner imports this module
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 _HEADER_ROWS = 6  # input ids, positions, slot blocks, slot offsets, context lengths, placeholder rows
@@ -65,11 +70,11 @@ class DecodeCUDAGraphs:
             if bucket not in self._graphs:
                 self._capture(bucket)
 
-    def run(self, out: SchedulerOutput, placeholders=None) -> torch.Tensor:
+    def run(self, out: SchedulerOutput, placeholders: Placeholders | None = None) -> torch.Tensor:
         """Logits [num_requests, vocab] of a decode-only step (``can_run``), from a replayed graph.
 
-        ``placeholders`` (model_runner.Placeholders): input tokens taken from the device, after
-        the header's copy and before the replay, in stream order."""
+        ``placeholders``: input tokens taken from the device, after the header's copy and
+        before the replay, in stream order."""
         batch = len(out.scheduled)
         bucket = self.bucket_for(batch)
         if bucket not in self._graphs:

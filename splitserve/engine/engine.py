@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from splitserve.config import ConfigError, EngineConfig
+from splitserve.config import EngineConfig
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.errors import InvalidRequestError, QueueFullError
 from splitserve.engine.kv_cache_manager import KVCacheManager
@@ -69,11 +69,8 @@ class LLMEngine:
         self.kv_cache_manager = KVCacheManager(self.block_pool, self.block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self.sampler = Sampler()
-        supported = getattr(self.runner, "supports_placeholders", False)
         wanted = config.scheduler.async_scheduling
-        if wanted and not supported:
-            raise ConfigError(f"async_scheduling: {type(self.runner).__name__} does not take placeholders")
-        self.async_scheduling = supported and (wanted if wanted is not None else self.runner.device.type == "cuda")
+        self.async_scheduling = wanted if wanted is not None else self.runner.device.type == "cuda"
         self._in_flight: _InFlight | None = None
         self.num_discarded_rows = 0  # rows computed for requests that had stopped (async scheduling)
         self.num_host_sampled_steps = 0  # async scheduling: steps that waited to sample on the host
@@ -169,11 +166,11 @@ class LLMEngine:
         logits = self.runner.execute(out, self._placeholders(out, previous)) if out.scheduled else None
         # The device now has this step queued behind the previous one; read the previous one back.
         outputs = self._read_back(previous) if previous is not None else []
+        if logits is None:
+            return StepResult(outputs, out.kv_loads)
         # A request that stopped on the token just read back had this step's row computed for nothing.
         self.num_discarded_rows += sum(r.is_finished for r in to_sample)
-        if logits is None:
-            pass
-        elif self.sampler.samples_on_device(to_sample):
+        if self.sampler.samples_on_device(to_sample):
             tokens = self.sampler.sample_on_device(logits, to_sample)
             self.scheduler.advance(out)
             for request in to_sample:

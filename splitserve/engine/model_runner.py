@@ -125,8 +125,6 @@ class ModelRunner:
             meta = with_device_tensors(meta, self.device)
         return rows[0], rows[1], meta, sample_rows
 
-    supports_placeholders = True  # execute takes Placeholders (async scheduling)
-
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, placeholders: Placeholders | None = None) -> torch.Tensor:
         """Computes the scheduled tokens' KV; returns logits [num_sampling_requests, vocab].

@@ -216,20 +216,14 @@ class Scheduler:
         self.waiting.appendleft(request)
         self.num_preemptions += 1
 
-    def update_from_output(
-        self, out: SchedulerOutput, sampled: dict[str, tuple[int, TokenLogprob | None]]
-    ) -> list[Request]:
-        """Advances progress by what was computed and appends sampled tokens; returns the finished."""
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, tuple[int, TokenLogprob | None]]) -> None:
+        """Advances progress by what was computed, appends sampled tokens, finishes who stopped."""
         self.advance(out)
-        finished = []
         for s in out.scheduled:
             request = self.requests.get(s.request_id)
             if request is not None and s.request_id in sampled:
-                token_id, logprob = sampled[s.request_id]
-                request.append_output(token_id, logprob)
-                if self.check_finished(request):
-                    finished.append(request)
-        return finished
+                request.append_output(*sampled[s.request_id])
+                self.check_finished(request)
 
     def advance(self, out: SchedulerOutput) -> None:
         """The step's tokens are computed (or queued on the device to be): progress moves on."""

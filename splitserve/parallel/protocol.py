@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from splitserve.engine.model_runner import Placeholders
 from splitserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from splitserve.kvtransfer import KVLayout
 
@@ -67,9 +68,9 @@ class Channel:
         self.conn.close()
 
 
-def encode_step(out: SchedulerOutput, placeholders=None) -> dict:
-    """``placeholders`` (model_runner.Placeholders): the rows go along, the tokens follow on the
-    device (rank 0 broadcasts them; the message says how many)."""
+def encode_step(out: SchedulerOutput, placeholders: Placeholders | None = None) -> dict:
+    """``placeholders``: the rows go along, the tokens follow on the device (rank 0 broadcasts
+    them; the message says how many)."""
     return {
         "scheduled": [[s.request_id, s.token_ids, s.start_pos, s.block_ids, s.sample] for s in out.scheduled],
         "preempted_ids": out.preempted_ids,
@@ -83,10 +84,8 @@ def decode_step(msg: dict) -> SchedulerOutput:
     return SchedulerOutput(scheduled=scheduled, preempted_ids=msg["preempted_ids"])
 
 
-def decode_placeholders(msg: dict, device: torch.device):
+def decode_placeholders(msg: dict, device: torch.device) -> Placeholders | None:
     """The step's Placeholders on a rank other than 0: the rows, and a buffer for rank 0's broadcast."""
-    from splitserve.engine.model_runner import Placeholders
-
     if msg.get("placeholder_rows") is None:
         return None
     return Placeholders(torch.empty(msg["num_sampled"], dtype=torch.long, device=device), msg["placeholder_rows"])

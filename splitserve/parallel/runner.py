@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from splitserve.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
-from splitserve.engine.model_runner import ModelRunner
+from splitserve.engine.model_runner import ModelRunner, Placeholders
 from splitserve.engine.scheduler import SchedulerOutput
 from splitserve.parallel import protocol as p
 from splitserve.parallel.group import RankFailedError, RankSpec, TPOptions, abort_group, destroy_group, init_group, rank_model_config
@@ -218,9 +218,7 @@ class TPModelRunner:
     def bind_thread(self) -> None:
         self.local.bind_thread()
 
-    supports_placeholders = True  # rank 0 broadcasts the tokens the placeholders stand for
-
-    def execute(self, out: SchedulerOutput, placeholders=None) -> torch.Tensor:
+    def execute(self, out: SchedulerOutput, placeholders: Placeholders | None = None) -> torch.Tensor:
         """Runs one step on every rank; returns rank 0's logits (gathered over the vocabulary)."""
         self._raise_if_failed()
         step = p.encode_step(out, placeholders)
