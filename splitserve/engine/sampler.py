@@ -29,32 +29,16 @@ def apply_penalties(logits: torch.Tensor, request: Request) -> torch.Tensor:
     return logits
 
 
-def _truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Masks tokens outside top-k, the top-p nucleus and the min-p floor. ``logits``: [vocab]."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Keep a token if the mass before it is below top_p; the most likely always stays.
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    if min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
-    return logits
-
-
 def truncate_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """``_truncate`` for a batch: row i keeps what ``_truncate(logits[i], top_k[i], top_p[i],
-    min_p[i])`` keeps, with one sort for all rows. ``logits``: [rows, vocab] float; the limits:
-    [rows] on the same device (top_k 0: none)."""
+    """Masks, row by row, tokens outside top-k (ties with the k-th kept), the top-p nucleus (a
+    token stays while the mass before it is below top_p; the most likely always stays) and the
+    min-p floor, applied in that order, with one sort for all rows. ``logits``: [rows, vocab]
+    float; the limits: [rows] on the same device (top_k 0: none)."""
     vocab = logits.shape[-1]
     ordered, order = torch.sort(logits, dim=-1, descending=True)
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
     kth = ordered.gather(1, (k - 1).unsqueeze(1))
-    ordered = ordered.masked_fill(ordered < kth, float("-inf"))  # ties with the k-th stay, as in _truncate
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))  # ties with the k-th stay
     probs = ordered.softmax(-1)
     # The most likely token always stays; a row with top_p 1 drops nothing (its cumsum may round past 1).
     drop = ((probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
@@ -138,7 +122,10 @@ class Sampler:
         logits = apply_penalties(logits, request)
         if params.greedy:
             return int(logits.argmax())
-        logits = _truncate(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+        logits = logits / params.temperature
+        if params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0:
+            limits = torch.tensor([[params.top_k, params.top_p, params.min_p]], device=logits.device)
+            logits = truncate_rows(logits.unsqueeze(0), limits[:, 0].long(), limits[:, 1], limits[:, 2])[0]
         probs = logits.softmax(-1).cpu()
         return int(torch.multinomial(probs, 1, generator=self._generator_for(request)))
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from splitserve.engine.request import FinishReason, Request
-from splitserve.engine.sampler import Sampler, _truncate, apply_penalties, truncate_rows
+from splitserve.engine.sampler import Sampler, apply_penalties, truncate_rows
 from splitserve.engine.sampling_params import SamplingParams
 
 VOCAB = 64
@@ -63,6 +63,28 @@ def test_truncation_to_one_token_equals_greedy(logits, params):
     assert set(draws(Sampler(), logits, request(params), 50)) == {int(logits.argmax())}
 
 
+def reference_truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """One row at a time, as the definitions read (the sampler's own is batched, with one sort):
+    top-k keeps ties with the k-th, top-p keeps a token while the mass before it is below top_p
+    (the most likely always), min-p drops what is below min_p times the top probability."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def truncate_one(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    return truncate_rows(logits.unsqueeze(0), torch.tensor([top_k]), torch.tensor([top_p]), torch.tensor([min_p]))[0]
+
+
 # probabilities 0.5, 0.3, 0.15, 0.05 over tokens 0..3, nothing elsewhere
 CRAFTED = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
 
@@ -81,7 +103,7 @@ CRAFTED = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     ],
 )
 def test_truncate_keeps_the_right_tokens(top_k, top_p, min_p, kept):
-    out = _truncate(CRAFTED.clone(), top_k, top_p, min_p)
+    out = truncate_one(CRAFTED.clone(), top_k, top_p, min_p)
     assert {i for i in range(4) if out[i] > -math.inf} == kept
     assert torch.equal(out[list(kept)], CRAFTED[list(kept)])  # survivors are untouched
 
@@ -89,13 +111,13 @@ def test_truncate_keeps_the_right_tokens(top_k, top_p, min_p, kept):
 TRUNCATIONS = [(2, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.7, 0.0), (0, 0.45, 0.0), (0, 0.81, 0.0), (0, 1.0, 0.5), (0, 1.0, 0.2), (3, 0.9, 0.5), (0, 1.0, 0.0)]
 
 
-def test_batched_truncation_keeps_what_the_per_request_one_keeps():
+def test_batched_truncation_keeps_what_the_definitions_keep():
     # One batch of rows with different limits, on crafted and on random logits of a real vocabulary size.
     for logits in (CRAFTED.repeat(len(TRUNCATIONS), 1), torch.randn(len(TRUNCATIONS), 32000, generator=torch.Generator().manual_seed(3))):
         limits = torch.tensor(TRUNCATIONS)
         batched = truncate_rows(logits.clone(), limits[:, 0].long(), limits[:, 1], limits[:, 2])
         for row, (top_k, top_p, min_p) in enumerate(TRUNCATIONS):
-            assert torch.equal(batched[row], _truncate(logits[row].clone(), int(top_k), top_p, min_p)), TRUNCATIONS[row]
+            assert torch.equal(batched[row], reference_truncate(logits[row].clone(), int(top_k), top_p, min_p)), TRUNCATIONS[row]
 
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
