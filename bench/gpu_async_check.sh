@@ -10,5 +10,5 @@ python3 bench/gpu_decode.py --presets llama-3.2-1b --batch-sizes 1 64 --long-con
     --ablation-batch-sizes --engine-batch 64 --hf-batch 64 --iters 30 --out "$OUT/decode_1b.json" > "$OUT/decode_1b.log" 2>&1
 grep -E "engine decode|transformers|copy" "$OUT/decode_1b.log"
 bash bench/gpu_serve.sh
-(cd "$OUT" && tar czf check.tgz gpu_tests.log decode_1b* gpus.txt gpu.txt $(ls pip.log 2>/dev/null) \
-    && rm -f gpu_tests.log decode_1b* gpus.txt gpu.txt pip.log)
+(cd "$OUT" && tar czf check.tgz gpu_tests.log decode_1b* gpus.txt $(ls pip.log 2>/dev/null) \
+    && rm -f gpu_tests.log decode_1b* gpus.txt pip.log)

@@ -13,5 +13,5 @@ grep -h "Request throughput\|Mean TPOT" "$OUT"/serve_*.out
 python3 bench/gpu_decode.py --presets llama-3.1-8b --batch-sizes 1 64 --long-context 0 --prefill-tokens 4096 \
     --ablation-batch-sizes --engine-batch 64 --iters 30 --out "$OUT/decode_8b.json" > "$OUT/decode_8b.log" 2>&1
 tail -8 "$OUT/decode_8b.log"
-(cd "$OUT" && tar czf logs.tgz gpu_tests.log serve_*.out decode_8b.log gpus.txt gpu.txt $(ls pip.log 2>/dev/null) \
-    && rm -f gpu_tests.log serve_*.out decode_8b.log gpus.txt gpu.txt pip.log)
+(cd "$OUT" && tar czf logs.tgz gpu_tests.log serve_*.out decode_8b.log gpus.txt $(ls pip.log 2>/dev/null) \
+    && rm -f gpu_tests.log serve_*.out decode_8b.log gpus.txt pip.log)

@@ -5,13 +5,8 @@
 # Also the offline engine on the same workload in the same run, as the engine's own ceiling.
 # Run on the device machine from the repo root, with the wheels of .whl/ (see bench/README.md).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site NIXL_LOG_LEVEL=WARN PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -m splitserve.cli model init /tmp/qwen3 --arch qwen3 --preset qwen3-0.6b --device cuda --overwrite
+source bench/device_env.sh || exit 1  # wheels, this checkout, $OUT, $OUT/gpus.txt
+[ -f /tmp/qwen3/config.json ] || python3 -m splitserve.cli model init /tmp/qwen3 --arch qwen3 --preset qwen3-0.6b --device cuda
 # MODES: the worker's --async-scheduling for each serving run, in turn (default: "auto off",
 # async scheduling against the synchronous engine in the same call); the offline engine runs
 # with each mode too (OFFLINE=0: not). Records go under $OUT/serve-<mode>, packed into
@@ -62,5 +57,5 @@ for mode in ${MODES:-auto off}; do serve $mode; done
 grep -h "Request throughput\|Output token throughput\|Mean TPOT\|label" "$OUT"/serve-*.log
 grep -H "requests/s" "$OUT"/offline-*.log 2>/dev/null
 # The device tool returns only a few files per call: pack the run's records and logs into one.
-(cd "$OUT" && tar czf serve${TAG:+-$TAG}.tgz serve-*/ serve-*.log $(ls offline-*.log 2>/dev/null) install.log router*.log decode-*.log $(ls -d profile-* 2>/dev/null) \
-    && rm -rf serve-*/ serve-*.log offline-*.log install.log router*.log decode-*.log profile-*)
+(cd "$OUT" && tar czf serve${TAG:+-$TAG}.tgz serve-*/ serve-*.log $(ls offline-*.log 2>/dev/null) router*.log decode-*.log $(ls -d profile-* 2>/dev/null) \
+    && rm -rf serve-*/ serve-*.log offline-*.log router*.log decode-*.log profile-*)
