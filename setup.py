@@ -10,4 +10,4 @@ for folder, name in MOUNTED.items():
     packages.append(name)
     packages += [f"{name}.{sub}" for sub in find_packages(where=folder)]
 
-setup(packages=packages, package_dir=package_dir, package_data={"splitserve.generated": ["*.pyi"]})
+setup(packages=packages, package_dir=package_dir, package_data={"splitserve.v1": ["*.pyi"]})
