@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     bench.add_parser("serve", help="load generator against a live router", add_help=False)
     sub.add_parser("planner", help="scale the prefill and decode pools on Kubernetes", add_help=False)
+    sub.add_parser("profile", help="time prefill, decode and KV transfer on this device", add_help=False)
+    sub.add_parser("sim", help="simulate a serving layout from profiles", add_help=False)
     return parser
 
 
@@ -142,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         from splitserve.planner import run_planner
 
         return run_planner(argv[1:])
+    if argv[:1] == ["profile"]:
+        from splitserve.profile.cli import main as profile_main
+
+        return profile_main(argv[1:])
+    if argv[:1] == ["sim"]:
+        from splitserve.sim.cli import main as sim_main
+
+        return sim_main(argv[1:])
     if argv[:2] == ["bench", "serve"]:
         from splitserve.bench.serve import main as bench_main
 
