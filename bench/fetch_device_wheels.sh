@@ -14,7 +14,10 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     pydantic-core==2.50.4 annotated-types==0.7.0 typing-inspection==0.4.5 annotated-doc==0.0.7 \
     opentelemetry-api==1.45.2 py-spy
 wheel=$(ls .whl/nixl_cu13-*.whl)
-if unzip -l "$wheel" | grep -q "nixl_ep_cu13/.*\.so"; then
+# grep -q exits at the first match and unzip then dies of SIGPIPE, which pipefail turns into a
+# failed pipeline: read the listing whole first, then match it.
+listing=$(unzip -l "$wheel")
+if grep -q "nixl_ep_cu13/.*\.so" <<<"$listing"; then
     tmp=$(mktemp -d)
     (cd "$tmp" && unzip -q "$OLDPWD/$wheel" && rm -f nixl_ep_cu13/*.so nixl_cu13.libs/ucx/libucx_perftest_cuda* \
         && record=$(ls -d nixl_cu13-*.dist-info)/RECORD \
