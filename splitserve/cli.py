@@ -279,9 +279,11 @@ def _run_worker(args) -> int:
 
 
 def _kv_cache_bytes(args) -> int | None:
+    from splitserve.config import default_kv_cache_bytes
+
     if args.kv_cache_mb is not None:
         return args.kv_cache_mb * 1024 * 1024
-    return None if args.device.startswith("cuda") else 256 * 1024 * 1024
+    return default_kv_cache_bytes(args.device)
 
 
 def _serve(coro) -> int:

@@ -57,13 +57,23 @@ class ModelConfig:
             _positive("max_model_len", self.max_model_len)
 
 
+CPU_KV_CACHE_BYTES = 256 * 1024 * 1024  # a CPU has no free-memory figure worth sizing from
+
+
+def default_kv_cache_bytes(device: str) -> int | None:
+    """The KV budget when none is given, for workers and the offline ``LLM`` alike: a fixed
+    256 MiB on the CPU; None on CUDA (``gpu_memory_utilization`` of the memory free after
+    the weights, see ``CacheConfig.budget_bytes``)."""
+    return None if device.startswith("cuda") else CPU_KV_CACHE_BYTES
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache: block size and how much memory it may take."""
 
     block_size: int = 16
     # Bytes for KV blocks; None on CUDA: gpu_memory_utilization of free memory after weights.
-    kv_cache_bytes: int | None = 256 * 1024 * 1024
+    kv_cache_bytes: int | None = CPU_KV_CACHE_BYTES
     gpu_memory_utilization: float = 0.9
     num_blocks: int | None = None  # overrides the memory budget when set (tests)
     enable_prefix_caching: bool = True
@@ -76,6 +86,17 @@ class CacheConfig:
             _positive("num_blocks", self.num_blocks)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+
+    def budget_bytes(self, free_device_bytes: int | None) -> int:
+        """Bytes the KV blocks may take: ``kv_cache_bytes`` when set, else this share of the
+        device memory free once the weights are loaded (None: not a GPU, so no such figure).
+        Two workers on one GPU each take their share of what is free when they start, so
+        the one started second must be given a share of what the first left."""
+        if self.kv_cache_bytes is not None:
+            return self.kv_cache_bytes
+        if free_device_bytes is None:
+            raise ConfigError("kv_cache_bytes must be set on a CPU device")
+        return int(free_device_bytes * self.gpu_memory_utilization)
 
 
 @dataclass(frozen=True)

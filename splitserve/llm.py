@@ -5,7 +5,7 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from splitserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, default_kv_cache_bytes
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.request import FinishReason, TokenLogprob
 from splitserve.engine.sampling_params import SamplingParams
@@ -31,14 +31,26 @@ class LLM:
         model_dir: str | Path,
         device: str = "cpu",
         dtype: str | None = None,
-        cache: CacheConfig = CacheConfig(),
+        cache: CacheConfig | None = None,
         scheduler: SchedulerConfig = SchedulerConfig(),
         max_model_len: int | None = None,
     ) -> None:
-        model = ModelConfig(Path(model_dir), dtype=dtype, device=device, max_model_len=max_model_len)
-        self.engine = LLMEngine(EngineConfig(model=model, cache=cache, scheduler=scheduler))
+        self.engine = LLMEngine(self.engine_config(model_dir, device, dtype, cache, scheduler, max_model_len))
         self.tokenizer = load_tokenizer(model_dir)
         self._ids = itertools.count()
+
+    @staticmethod
+    def engine_config(
+        model_dir: str | Path, device: str = "cpu", dtype: str | None = None, cache: CacheConfig | None = None,
+        scheduler: SchedulerConfig = SchedulerConfig(), max_model_len: int | None = None,
+    ) -> EngineConfig:
+        """The engine's config. ``cache`` None: the workers' default for the device, so on CUDA the
+        KV cache takes ``gpu_memory_utilization`` (0.9) of the memory the weights leave free; pass
+        ``CacheConfig(kv_cache_bytes=None, gpu_memory_utilization=0.5)`` for another share, or
+        ``CacheConfig(kv_cache_bytes=N)`` for a fixed budget."""
+        model = ModelConfig(Path(model_dir), dtype=dtype, device=device, max_model_len=max_model_len)
+        cache = cache if cache is not None else CacheConfig(kv_cache_bytes=default_kv_cache_bytes(device))
+        return EngineConfig(model=model, cache=cache, scheduler=scheduler)
 
     def generate(
         self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] = SamplingParams()

@@ -84,12 +84,8 @@ class ModelRunner:
     def _num_blocks(self, cache: CacheConfig) -> int:
         if cache.num_blocks is not None:
             return cache.num_blocks
-        budget = cache.kv_cache_bytes
-        if budget is None:
-            if self.device.type != "cuda":
-                raise ValueError("kv_cache_bytes must be set on a CPU device")
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * cache.gpu_memory_utilization)
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" and cache.kv_cache_bytes is None else None
+        budget = cache.budget_bytes(free)
         num_blocks = budget // self.block_bytes
         if num_blocks < 2:
             raise ValueError(f"a KV budget of {budget} bytes holds {num_blocks} blocks of {self.block_bytes} bytes")
