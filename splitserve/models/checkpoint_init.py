@@ -65,7 +65,15 @@ _MODEL_CLASSES = {
 _MANAGED_FIELDS = frozenset(
     {"architectures", "dtype", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id"}
 )
-TOKENIZER_VOCAB_SIZE = 1024  # real presets keep their real vocab_size; extra rows go unused
+TOKENIZER_VOCAB_SIZE = 1024  # the tiny presets' tokenizer; their few extra rows go unused
+
+
+def tokenizer_vocab_size(preset: str, vocab_size: int) -> int:
+    """Real-shape presets get a tokenizer as large as their output layer, so that every id a
+    random model samples decodes to text (streaming and detokenizing cost what they would)."""
+    return min(TOKENIZER_VOCAB_SIZE, vocab_size) if preset == "tiny" else vocab_size
+
+
 DEFAULT_MAX_SHARD_BYTES = 2_000_000_000
 _EMBEDDING_GAIN = 2.0  # logits std with unit-RMS final hidden states
 _RESIDUAL_GAIN = 4.0  # measured: 1 left tied tiny models looping on one token
@@ -218,7 +226,7 @@ def build_config(
         raise ValueError(f"hidden_size {fields['hidden_size']} is not a multiple of num_attention_heads {heads}")
 
     style = TOKENIZER_STYLES[arch]
-    tokenizer_size = min(TOKENIZER_VOCAB_SIZE, fields["vocab_size"])
+    tokenizer_size = tokenizer_vocab_size(preset, fields["vocab_size"])
     # Qwen has no BOS token but its config names <|endoftext|> as bos_token_id.
     bos_id = special_token_id(arch, style.bos_token or style.eos_token, tokenizer_size)
     eos_id = special_token_id(arch, style.eos_token, tokenizer_size)
@@ -299,7 +307,7 @@ def init_checkpoint(
     config = build_config(arch, preset, dtype=dtype, overrides=overrides)
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    tokenizer = build_tokenizer(min(TOKENIZER_VOCAB_SIZE, config.vocab_size), arch=arch)
+    tokenizer = build_tokenizer(tokenizer_vocab_size(preset, config.vocab_size), arch=arch)
     style = TOKENIZER_STYLES[arch]
     if tokenizer.convert_tokens_to_ids(style.eos_token) != config.eos_token_id:
         raise RuntimeError("tokenizer and config disagree on eos_token_id")  # a bug here, not bad input

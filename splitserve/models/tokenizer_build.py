@@ -158,6 +158,67 @@ def _corpus(num_sentences: int = 4000) -> list[str]:
     return lines
 
 
+# Past this many BPE tokens the vocabulary is constructed rather than trained (see
+# _extend_with_words): the corpus would have to be far larger to give 150k merges.
+MAX_TRAINED_BPE = 4096
+_CONSONANTS = ("", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "y", "z",
+               "ch", "sh", "st", "th", "tr")
+_VOWELS = ("a", "e", "i", "o", "u", "ea", "ou")
+_CODAS = ("", "", "", "", "n", "r", "s", "t", "l", "ng")
+
+
+def _words(rng: random.Random):
+    """Endless made-up words of 1-3 syllables, as byte-level strings: about half with a
+    leading space ("Ġ"), some capitalized, as in a real vocabulary."""
+    syllables = [c + v + e for c in _CONSONANTS for v in _VOWELS for e in _CODAS]
+    while True:
+        word = "".join(rng.choices(syllables, k=rng.choices((1, 2, 3), weights=(4, 5, 1))[0]))
+        if rng.random() < 0.2:
+            word = word.capitalize()
+        yield "Ġ" + word if rng.random() < 0.55 else word
+
+
+def _bpe_pieces(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The pieces BPE leaves ``word`` in: the lowest-ranked merge first, until none applies."""
+    pieces = list(word)
+    while len(pieces) > 1:
+        best, at = None, 0
+        for i in range(len(pieces) - 1):
+            rank = ranks.get((pieces[i], pieces[i + 1]))
+            if rank is not None and (best is None or rank < best):
+                best, at = rank, i
+        if best is None:
+            break
+        pieces[at : at + 2] = [pieces[at] + pieces[at + 1]]
+    return pieces
+
+
+def _extend_with_words(backend: Tokenizer, num_bpe: int) -> None:
+    """Grows a trained BPE to ``num_bpe`` tokens with made-up words.
+
+    Each word gets merges that join the pieces BPE leaves it in, left to right, ranked after
+    every merge before them, so encoding the word gives its token. Real-shape checkpoints need
+    this: a random model samples ids all over its output layer, and with a small tokenizer
+    under a 150k-row layer almost none of them decode to text, which hides the detokenizing
+    and streaming work a real model causes.
+    """
+    state = json.loads(backend.to_str())
+    vocab: dict[str, int] = state["model"]["vocab"]
+    ranks = {tuple(m): rank for rank, m in enumerate(state["model"]["merges"])}
+    for word in _words(random.Random(1)):
+        if word in vocab:
+            continue
+        pieces = _bpe_pieces(word, ranks)
+        so_far = pieces[0]
+        for piece in pieces[1:]:
+            if len(vocab) == num_bpe:
+                backend.model = models.BPE(vocab=vocab, merges=list(ranks))
+                return
+            ranks[so_far, piece] = len(ranks)
+            so_far += piece
+            vocab.setdefault(so_far, len(vocab))  # an existing token may be reached by a new merge
+
+
 def special_token_id(arch: str, token: str, vocab_size: int) -> int:
     """The id ``build_tokenizer(vocab_size, arch=arch)`` gives a special token, without building it."""
     special_tokens = TOKENIZER_STYLES[arch].special_tokens
@@ -191,14 +252,13 @@ def build_tokenizer(vocab_size: int = 1024, *, arch: str = "llama") -> PreTraine
     backend.decoder = decoders.ByteLevel()
     # The 256-byte initial alphabet is what makes every string encodable.
     trainer = trainers.BpeTrainer(
-        vocab_size=num_bpe, initial_alphabet=alphabet, show_progress=False
+        vocab_size=min(num_bpe, MAX_TRAINED_BPE), initial_alphabet=alphabet, show_progress=False
     )
     backend.train_from_iterator(_corpus(), trainer=trainer)
-    if backend.get_vocab_size() != num_bpe:
-        raise ValueError(
-            f"vocab_size {vocab_size} is too large for the built-in corpus: it yields only "
-            f"{backend.get_vocab_size() + len(style.special_tokens)} tokens"
-        )
+    if num_bpe > MAX_TRAINED_BPE:
+        _extend_with_words(backend, num_bpe)
+    if backend.get_vocab_size() != num_bpe:  # the corpus or the word generator fell short: a bug here
+        raise RuntimeError(f"built {backend.get_vocab_size()} BPE tokens, not {num_bpe}")
     # Added after training so that they take the ids right after the BPE vocabulary.
     backend.add_special_tokens(list(style.special_tokens))
 
