@@ -120,11 +120,19 @@ def init_group(spec: RankSpec, store: dist.Store | None = None) -> TPGroup:
             spec.options.host, spec.store_port, spec.world_size, is_master=False,
             timeout=timedelta(seconds=spec.options.startup_timeout_seconds),
         )
+    # Joining waits for every rank to import torch and start: bounded by the startup timeout,
+    # not the step timeout (a loaded host takes seconds). The group is named after its ranks,
+    # not after torch's per-process group counter: a join that fails has already moved that
+    # counter on, and every later group of this process would then wait on keys its ranks
+    # (fresh processes, counting from 0) never write.
     dist.init_process_group(
         spec.backend, store=store, rank=spec.rank, world_size=spec.world_size,
-        timeout=timedelta(seconds=spec.options.step_timeout_seconds),
+        timeout=timedelta(seconds=spec.options.startup_timeout_seconds),
         device_id=device if device.type == "cuda" else None,
+        _ranks=list(range(spec.world_size)),
     )
+    # From here on a collective that waits past the step timeout means a dead or hung rank.
+    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=spec.options.step_timeout_seconds))
     return TPGroup(rank=spec.rank, size=spec.world_size, group=dist.group.WORLD)
 
 
