@@ -1,0 +1,288 @@
+"""The discrete-event simulation of one serving layout under one workload.
+
+Events, in time order (ties in the order they were scheduled):
+  arrive      the router places the request: on a prefill worker (disaggregated) or on a
+              decode worker that prefills it itself (colocated, or a local placement)
+  deliver     the request reaches the worker the router chose, ``overhead.dispatch_ms`` later
+  step_end    a worker's step is over: sampled tokens reach the client, finished prompts
+              start their KV transfer, and the worker starts its next step if it has work
+  landed      a prompt's KV is on the decode worker: the request joins its batch
+
+The router picks workers with the real policy's cost functions
+(``services/router/routing.py``) applied to the simulated workers' load, and, for the
+adaptive layout, the real placement policy (``services/router/placement.py``), so the
+simulation exercises the decisions the router makes. Tokens reach the client
+``overhead.stream_ms`` after the step that sampled them ends. The output is one
+``RequestRecord`` per request, as ``bench serve`` records them, so the metrics and
+goodput are computed by the same code.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from splitserve.bench.records import RequestRecord, Usage
+from splitserve.controlplane.types import LiveWorker, WorkerInfo
+from splitserve.profile.schema import Profile
+from splitserve.services.router.placement import PlacementPolicy, PlacementState
+from splitserve.services.router.routing import CostWeights, PrefixAwarePolicy
+from splitserve.sim.router_view import RouterView, ViewTiming
+from splitserve.sim.worker import EngineLimits, Job, SimWorker
+from splitserve.sim.workload import SimRequest
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """Latency outside the engines' steps, in milliseconds."""
+
+    dispatch_ms: float = 0.0  # router -> worker, per hop (the decode hop after a prefill too)
+    stream_ms: float = 0.0  # a sampled token -> the client, when nothing is queued before it
+    # Every token passes one FIFO server on its way out (the router's and the client's event
+    # loops): each costs this much of it, so tokens of large batches queue behind each other.
+    stream_token_us: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.dispatch_ms < 0 or self.stream_ms < 0 or self.stream_token_us < 0:
+            raise ValueError(f"overheads must be >= 0: {self}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """``num_prefill`` prefill workers and ``num_decode`` decode workers (0 prefill:
+    colocated engines). ``placement``: "remote" (every prompt to a prefill worker, as
+    ``--prefill-threshold 0``), "threshold" (prompts under ``prefill_threshold`` tokens
+    prefill on the decode worker), "adaptive" (``services/router/placement.py``)."""
+
+    num_prefill: int
+    num_decode: int
+    prefill_profile: Profile | None
+    decode_profile: Profile
+    limits: EngineLimits = EngineLimits()
+    prefill_limits: EngineLimits | None = None  # None: ``limits``
+    placement: str = "remote"
+    prefill_threshold: int = 0
+    overheads: Overheads = Overheads()
+    placement_policy: PlacementPolicy | None = None  # for "adaptive"
+
+    def __post_init__(self) -> None:
+        if self.num_decode < 1 or self.num_prefill < 0:
+            raise ValueError("a layout needs at least one decode worker and no negative pool")
+        if self.num_prefill and self.prefill_profile is None:
+            raise ValueError("prefill workers need a prefill profile")
+        if self.placement not in ("remote", "threshold", "adaptive"):
+            raise ValueError(f"placement must be remote, threshold or adaptive, got {self.placement!r}")
+        if self.placement == "adaptive" and self.placement_policy is None:
+            raise ValueError("adaptive placement needs a placement_policy")
+
+    @property
+    def num_gpus(self) -> int:
+        return self.num_prefill * (self.prefill_profile.tp_size if self.prefill_profile else 1) + \
+            self.num_decode * self.decode_profile.tp_size
+
+
+@dataclass
+class _Trace:
+    request: SimRequest
+    token_times: list = field(default_factory=list)
+    num_cached: int = 0
+
+
+@dataclass(frozen=True)
+class SimResult:
+    records: tuple[RequestRecord, ...]
+    duration_s: float
+    placements: dict[str, int]  # reason -> count
+    kv_transfers: int
+    steps: dict[str, int]  # worker id -> steps run
+
+
+class Simulator:
+    """``view`` None: the router sees every worker's load exactly and at once (for
+    hand-computed cases); otherwise as stale as ``RouterView`` makes it."""
+
+    def __init__(self, layout: Layout, view: ViewTiming | None = ViewTiming(), weights: CostWeights = CostWeights()) -> None:
+        self.layout = layout
+        self.policy = PrefixAwarePolicy(weights)
+        prefill_limits = layout.prefill_limits or layout.limits
+        self.prefill = [SimWorker(f"prefill-{i}", "prefill", layout.prefill_profile.step_model, prefill_limits)
+                        for i in range(layout.num_prefill)]
+        self.decode = [SimWorker(f"decode-{i}", "decode", layout.decode_profile.step_model, layout.limits)
+                       for i in range(layout.num_decode)]
+        self._by_id = {w.worker_id: w for w in (*self.prefill, *self.decode)}
+        self.view = RouterView(list(self._by_id), view) if view else None
+        if self.view:
+            for w in self._by_id.values():
+                self.view.publish(w.worker_id, w.load())
+            self.view.refresh()
+        self._events: list = []
+        self._seq = itertools.count()
+        self._num_open = 0
+        self._stream_free_at = 0.0
+        self._traces: dict[int, _Trace] = {}
+        self._placements: Counter = Counter()
+        self._transfers = 0
+
+    # -- event queue --------------------------------------------------------------------
+
+    def _at(self, time_s: float, kind: str, *payload, last: bool = False) -> None:
+        """``last``: after every other event of the same instant (a step is composed once
+        everything arriving at that instant is in)."""
+        heapq.heappush(self._events, (time_s, last, next(self._seq), kind, payload))
+
+    def run(self, requests: Sequence[SimRequest]) -> SimResult:
+        if not requests:
+            raise ValueError("no requests to simulate")
+        for r in requests:
+            self._traces[r.index] = _Trace(r)
+            self._at(r.arrival_s, "arrive", r)
+        self._num_open = len(requests)
+        if self.view:
+            timing = self.view.timing
+            for i, w in enumerate(self._by_id.values()):  # heartbeats out of phase, as independent workers'
+                self._at(timing.heartbeat_s * (i + 1) / len(self._by_id), "heartbeat", w)
+            self._at(timing.refresh_s, "refresh")
+        while self._events:
+            now, _, _, kind, payload = heapq.heappop(self._events)
+            getattr(self, f"_on_{kind}")(now, *payload)
+        records = tuple(self._record(t) for t in self._traces.values())
+        duration = max(r.end_time for r in records)
+        steps = {w.worker_id: w.num_steps for w in (*self.prefill, *self.decode)}
+        return SimResult(records, duration, dict(self._placements), self._transfers, steps)
+
+    # -- routing ------------------------------------------------------------------------
+
+    def _live(self, worker: SimWorker, role: str) -> LiveWorker:
+        load = self.view.load(worker.worker_id) if self.view else worker.load()
+        return LiveWorker(WorkerInfo(worker.worker_id, role, worker.worker_id, worker.limits.block_size), load)
+
+    def _pick_prefill(self, r: SimRequest) -> SimWorker:
+        matches = {w.worker_id: r.prefix_len // w.limits.block_size if r.prefix_id in w.cached_prefixes else 0
+                   for w in self.prefill}
+        # The first block's hash breaks ties: prompts of one prefix share it, others differ.
+        first_block = f"prefix-{r.prefix_id}" if r.prefix_id is not None else f"request-{r.index}"
+        decision = self.policy.pick_prefill([first_block.encode()], [self._live(w, "prefill") for w in self.prefill],
+                                            matches, r.prompt_len)
+        return self._by_id[decision.worker_id]
+
+    def _pick_decode(self, r: SimRequest) -> SimWorker:
+        num_blocks = -(-(r.prompt_len + 1) // self.layout.limits.block_size)
+        decision = self.policy.pick_decode([self._live(w, "decode") for w in self.decode], num_blocks, f"sim-{r.index}".encode())
+        return self._by_id[decision.worker_id]
+
+    def _remote(self, r: SimRequest, decode: SimWorker) -> bool:
+        layout = self.layout
+        if not self.prefill:
+            self._placements["colocated"] += 1
+            return False
+        if layout.placement == "remote":
+            self._placements["remote"] += 1
+            return True
+        if layout.placement == "threshold":
+            remote = r.prompt_len >= layout.prefill_threshold
+            self._placements["threshold_remote" if remote else "threshold_local"] += 1
+            return remote
+        prefill = self._pick_prefill(r)
+        state = PlacementState(
+            prompt_len=r.prompt_len,
+            prefill=self._live(prefill, "prefill"),
+            decode=self._live(decode, "decode"),
+        )
+        decision = layout.placement_policy.decide(state)
+        self._placements[f"{decision.where}:{decision.reason}"] += 1
+        return decision.where == "remote"
+
+    # -- events -------------------------------------------------------------------------
+
+    def _on_heartbeat(self, now: float, worker: SimWorker) -> None:
+        self.view.publish(worker.worker_id, worker.load())
+        if self._num_open:
+            self._at(now + self.view.timing.heartbeat_s, "heartbeat", worker)
+
+    def _on_refresh(self, now: float) -> None:
+        self.view.refresh()
+        if self._num_open:
+            self._at(now + self.view.timing.refresh_s, "refresh")
+
+    def _track(self, worker: SimWorker, job: Job, sign: int) -> None:
+        if self.view is None:
+            return
+        if worker.role == "prefill":
+            self.view.track(worker.worker_id, num_tokens=job.prompt_len, sign=sign)
+        else:
+            self.view.track(worker.worker_id, num_blocks=-(-(job.prompt_len + 1) // worker.limits.block_size), sign=sign)
+
+    def _on_arrive(self, now: float, r: SimRequest) -> None:
+        decode = self._pick_decode(r)
+        hop = self.layout.overheads.dispatch_ms / 1e3
+        if self._remote(r, decode):
+            job = Job(r.index, r.prompt_len, r.prompt_len + 1, prefix_id=r.prefix_id, prefix_len=r.prefix_len)
+            prefill = self._pick_prefill(r)
+            self._track(prefill, job, +1)
+            self._at(now + hop, "deliver", prefill, job)
+        else:
+            job = Job(r.index, r.prompt_len, r.prompt_len + r.output_len, prefix_id=r.prefix_id, prefix_len=r.prefix_len)
+            self._at(now + hop, "deliver", decode, job)
+
+    def _on_deliver(self, now: float, worker: SimWorker, job: Job) -> None:
+        worker.add(job)
+        self._traces[job.request_id].num_cached = max(self._traces[job.request_id].num_cached, job.num_computed)
+        self._wake(now, worker)
+
+    def _wake(self, now: float, worker: SimWorker) -> None:
+        if not worker.stepping and not worker.composing:
+            worker.composing = True
+            self._at(now, "compose", worker, last=True)
+
+    def _on_compose(self, now: float, worker: SimWorker) -> None:
+        worker.composing = False
+        result = worker.step()
+        if result is None:
+            return
+        worker.stepping = True
+        self._at(now + result.duration_s, "step_end", worker, result)
+
+    def _on_step_end(self, now: float, worker: SimWorker, result) -> None:
+        worker.stepping = False
+        overheads = self.layout.overheads
+        for job in result.sampled:
+            self._stream_free_at = max(now, self._stream_free_at) + overheads.stream_token_us / 1e6
+            self._traces[job.request_id].token_times.append(self._stream_free_at + overheads.stream_ms / 1e3)
+            if worker.role == "decode" and not job.tracked:
+                job.tracked = True  # the router counts it from its first decode token
+                self._track(worker, job, +1)
+        for job in result.finished:
+            trace = self._traces[job.request_id]
+            self._track(worker, job, -1)
+            if worker.role == "prefill" and trace.request.output_len > 1:
+                self._start_transfer(now, trace.request, job)
+            else:
+                self._num_open -= 1
+        self._wake(now, worker)
+
+    def _start_transfer(self, now: float, r: SimRequest, job: Job) -> None:
+        decode = self._pick_decode(r)
+        profile = self.layout.decode_profile
+        transfer = profile.transfer_model.transfer_ms(profile.kv_bytes(r.prompt_len)) / 1e3
+        self._transfers += 1
+        moved = Job(r.index, r.prompt_len, r.prompt_len + r.output_len, num_computed=r.prompt_len, num_generated=1)
+        self._at(now + self.layout.overheads.dispatch_ms / 1e3 + transfer, "landed", decode, moved)
+
+    def _on_landed(self, now: float, worker: SimWorker, job: Job) -> None:
+        worker.add(job)  # its KV is here: it only needs slots and decode steps
+        self._wake(now, worker)
+
+    # -- results ------------------------------------------------------------------------
+
+    def _record(self, trace: _Trace) -> RequestRecord:
+        r, times = trace.request, tuple(trace.token_times)
+        if len(times) != r.output_len:
+            raise RuntimeError(f"request {r.index} got {len(times)} of {r.output_len} tokens: the simulation lost it")
+        return RequestRecord(
+            index=r.index, request_id=f"sim-{r.index}", send_time=r.arrival_s, chunk_times=times,
+            chunk_num_tokens=(1,) * len(times), end_time=times[-1], prompt_len=r.prompt_len,
+            max_tokens=r.output_len, usage=Usage(r.prompt_len, r.output_len, trace.num_cached),
+            finish_reason="length", error_code=None,
+        )

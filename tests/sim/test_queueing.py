@@ -1,0 +1,113 @@
+"""The simulator against queueing cases computed by hand: exact times, not tolerances."""
+from __future__ import annotations
+
+import pytest
+
+from splitserve.bench.metrics import compute_metrics, ttft
+from splitserve.profile.step_model import StepModel, TransferModel
+from splitserve.sim.cluster import Layout, Overheads, Simulator
+from splitserve.sim.worker import EngineLimits
+from splitserve.sim.workload import SimRequest
+from sim_profiles import constant, make_profile
+
+
+def colocated(step: StepModel, engines: int = 1, **limits) -> Layout:
+    limits.setdefault("async_scheduling", False)
+    return Layout(0, engines, None, make_profile(step), EngineLimits(**limits))
+
+
+def run(layout: Layout, requests: list[SimRequest]):
+    return Simulator(layout, view=None).run(requests)
+
+
+def test_dd1_queue_builds_up_exactly():
+    # Arrivals every 10 ms, service 15 ms, one at a time: request k finishes at 15(k+1),
+    # so its TTFT is 15(k+1) - 10k = 15 + 5k ms.
+    requests = [SimRequest(k, 0.010 * k, 32, 1) for k in range(10)]
+    result = run(colocated(constant(15.0), max_num_seqs=1), requests)
+    assert [round(ttft(r) * 1e3, 9) for r in result.records] == [15 + 5 * k for k in range(10)]
+    assert result.duration_s == pytest.approx(0.150, abs=1e-12)
+    # Goodput at TTFT <= 40 ms: k <= 5 meet it, 6 requests over 150 ms.
+    metrics = compute_metrics(result.records, result.duration_s, slos_ms={"ttft": 40.0})
+    assert metrics.request_goodput == pytest.approx(6 / 0.150)
+
+
+def test_dd1_under_capacity_never_queues():
+    requests = [SimRequest(k, 0.010 * k, 32, 1) for k in range(10)]
+    result = run(colocated(constant(4.0), max_num_seqs=1), requests)
+    assert {round(ttft(r) * 1e3, 9) for r in result.records} == {4.0}
+
+
+def test_two_requests_arriving_together_share_a_step():
+    # Compute-bound steps of 0.01 ms per token, 1 ms floor: 200 tokens in one step = 2 ms.
+    step = StepModel(1.0, 0.0, 0.0, 0.0, 0.01, 0.0)
+    requests = [SimRequest(0, 0.0, 100, 1), SimRequest(1, 0.0, 100, 1)]
+    result = run(colocated(step), requests)
+    assert [round(ttft(r) * 1e3, 9) for r in result.records] == [2.0, 2.0]
+
+
+def test_two_requests_split_by_the_token_budget():
+    # Budget 150: step 1 = A's 100 tokens + B's first 50 (1.5 ms); step 2 = B's last 50,
+    # priced at the 1 ms floor. A: 1.5 ms, B: 2.5 ms.
+    step = StepModel(1.0, 0.0, 0.0, 0.0, 0.01, 0.0)
+    requests = [SimRequest(0, 0.0, 100, 1), SimRequest(1, 0.0, 100, 1)]
+    result = run(colocated(step, max_num_batched_tokens=150), requests)
+    assert [round(ttft(r) * 1e3, 9) for r in result.records] == [1.5, 2.5]
+
+
+def test_chunked_prefill_arithmetic():
+    # 1000 tokens in chunks of 256, 256, 256, 232: 4 steps x 1 ms + 1000 x 0.01 ms + every
+    # causal pair once (1000 * 1001 / 2 pairs x 1e-5 ms), whatever the chunking.
+    step = StepModel(0.0, 0.0, 0.0, 1.0, 0.01, 1e-5)
+    result = run(colocated(step, max_num_batched_tokens=256), [SimRequest(0, 0.0, 1000, 1)])
+    assert ttft(result.records[0]) * 1e3 == pytest.approx(4 + 10 + 500500 * 1e-5, abs=1e-9)
+    assert result.steps == {"decode-0": 4}
+
+
+def test_decode_steps_stream_one_token_each():
+    # 3 output tokens at 2 ms a step: 2, 4, 6 ms; TPOT 2 ms.
+    result = run(colocated(constant(2.0)), [SimRequest(0, 0.0, 10, 3)])
+    assert [round(t * 1e3, 9) for t in result.records[0].chunk_times] == [2.0, 4.0, 6.0]
+
+
+def test_async_scheduling_makes_a_late_arrival_wait_one_more_step():
+    # A runs from 0 ms in 10 ms steps; B arrives at 1 ms. Synchronous: B joins the step
+    # composed at 10 ms and gets its token at 20 (TTFT 19). Async: the step from 10 ms was
+    # composed at 0 ms, so B joins the one from 20 ms (TTFT 29).
+    requests = [SimRequest(0, 0.0, 10, 5), SimRequest(1, 0.001, 10, 1)]
+    sync = run(colocated(constant(10.0), async_scheduling=False), requests)
+    lookahead = run(colocated(constant(10.0), async_scheduling=True), requests)
+    assert round(ttft(sync.records[1]) * 1e3, 9) == 19.0
+    assert round(ttft(lookahead.records[1]) * 1e3, 9) == 29.0
+
+
+def test_disaggregated_request_path():
+    # Prefill 2 ms -> first token at 2; KV transfer 5 ms (+1 ms hop) lands at 8; decode steps
+    # of 2 ms give tokens at 10 and 12. The router's hop to the prefill worker adds 1 ms too.
+    profile = make_profile(constant(2.0), TransferModel(5.0, 1e6))
+    layout = Layout(1, 1, profile, profile, EngineLimits(async_scheduling=False), overheads=Overheads(dispatch_ms=1.0))
+    result = run(layout, [SimRequest(0, 0.0, 100, 3)])
+    assert [round(t * 1e3, 6) for t in result.records[0].chunk_times] == [3.0, 11.0, 13.0]
+    assert result.kv_transfers == 1 and result.placements == {"remote": 1}
+
+
+def test_prefix_cache_hit_skips_the_shared_blocks():
+    # Prefix of 40 tokens: the second request computes 60 - 32 (two whole 16-token blocks) = 28.
+    step = StepModel(0.0, 0.0, 0.0, 0.0, 0.1, 0.0)
+    requests = [SimRequest(0, 0.0, 60, 1, prefix_id=0, prefix_len=40), SimRequest(1, 1.0, 60, 1, prefix_id=0, prefix_len=40)]
+    result = run(colocated(step), requests)
+    assert [round(ttft(r) * 1e3, 9) for r in result.records] == [6.0, 2.8]
+
+
+def test_simultaneous_requests_spread_over_engines():
+    # With exact load, the second request sees the first on engine A and goes to B: no queueing.
+    requests = [SimRequest(0, 0.0, 100, 50), SimRequest(1, 0.0001, 100, 50)]
+    result = run(colocated(constant(1.0), engines=2), requests)
+    assert result.steps["decode-0"] == result.steps["decode-1"] == 50
+
+
+def test_kv_capacity_holds_requests_back():
+    # 4 blocks of 16 tokens: a 40-token request needs 3, so the second waits for the first.
+    requests = [SimRequest(0, 0.0, 40, 2), SimRequest(1, 0.0, 40, 1)]
+    result = run(colocated(constant(1.0), num_blocks=4), requests)
+    assert [round(ttft(r) * 1e3, 9) for r in result.records] == [1.0, 3.0]
