@@ -52,9 +52,14 @@ def _start(args: list[str], name: str, timeout: float = 300.0) -> tuple[subproce
 
 
 def demo_checkpoint() -> Path:
+    """The checkpoint `up` serves without --model, written on first use. init_checkpoint
+    renames a finished folder into place, so DEMO_DIR is whole or absent; one left half
+    written by an older release (config.json, no weights or tokenizer) is written again."""
     from splitserve.models.checkpoint_init import init_checkpoint
 
-    if not (DEMO_DIR / "config.json").is_file():
+    needed = ("config.json", "tokenizer.json", "tokenizer_config.json")
+    if not (all((DEMO_DIR / name).is_file() for name in needed) and any(DEMO_DIR.glob("*.safetensors"))):
+        print(f"writing the random-weight demo checkpoint to {DEMO_DIR} (once; a few seconds)...", flush=True)
         init_checkpoint(DEMO_DIR, "llama", "tiny", overwrite=True)
     return DEMO_DIR
 

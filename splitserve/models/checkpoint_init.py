@@ -25,6 +25,7 @@ import inspect
 import json
 import math
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,7 +303,11 @@ def init_checkpoint(
 
     The same seed and device give byte-identical files (CPU and CUDA generators draw
     different numbers). ``overrides`` patches config fields, e.g. ``{"num_hidden_layers": 1}``.
-    A non-empty ``out_dir`` is refused unless ``overwrite``; then its old weight files go.
+    A non-empty ``out_dir`` is refused unless ``overwrite``; then the folder is replaced.
+
+    The files are written into a temporary folder beside ``out_dir`` and renamed into place,
+    so ``out_dir`` holds a whole checkpoint or none: an interrupted write (Ctrl-C, a full
+    disk) leaves no config.json without weights for a later run to trip over.
     """
     config = build_config(arch, preset, dtype=dtype, overrides=overrides)
     if max_shard_bytes <= 0:
@@ -313,31 +318,49 @@ def init_checkpoint(
         raise RuntimeError("tokenizer and config disagree on eos_token_id")  # a bug here, not bad input
 
     out = Path(out_dir)
-    _prepare_dir(out, overwrite)
-    _write_config(out, config)
-    _write_weights(out, tensor_specs(config), parse_dtype(config.dtype), seed, device, max_shard_bytes)
-    end_of_turn_id = tokenizer.convert_tokens_to_ids(style.end_of_turn_token)
-    generation = GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        # Chat turns end on end-of-turn, documents on eos; generation stops on either.
-        eos_token_id=sorted({config.eos_token_id, end_of_turn_id}),
-        pad_token_id=tokenizer.pad_token_id,
-    )  # no sampling defaults: a plain generate() on these checkpoints stays greedy
-    generation.save_pretrained(out)
-    save_tokenizer(tokenizer, out)
+    _check_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
+    try:
+        _write_config(staging, config)
+        _write_weights(staging, tensor_specs(config), parse_dtype(config.dtype), seed, device, max_shard_bytes)
+        end_of_turn_id = tokenizer.convert_tokens_to_ids(style.end_of_turn_token)
+        generation = GenerationConfig(
+            bos_token_id=config.bos_token_id,
+            # Chat turns end on end-of-turn, documents on eos; generation stops on either.
+            eos_token_id=sorted({config.eos_token_id, end_of_turn_id}),
+            pad_token_id=tokenizer.pad_token_id,
+        )  # no sampling defaults: a plain generate() on these checkpoints stays greedy
+        generation.save_pretrained(staging)
+        save_tokenizer(tokenizer, staging)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
 
 
-def _prepare_dir(out: Path, overwrite: bool) -> None:
+def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace its checkpoint")
-        # Old shards would otherwise be loaded alongside (or instead of) the new weights.
-        for path in [*out.glob("*.safetensors"), out / "model.safetensors.index.json"]:
-            path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace its checkpoint")
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Renames the finished ``staging`` folder to ``out``; an old ``out`` is moved aside first
+    (rename replaces an empty folder only) and deleted once the new one is in place."""
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the checkpoint from other users
+    try:
+        staging.replace(out)  # out absent or empty
+        return
+    except OSError:
+        if not out.is_dir():
+            raise
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    out.replace(old / out.name)
+    staging.replace(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _plan_shards(specs: list[TensorSpec], itemsize: int, max_shard_bytes: int) -> list[list[TensorSpec]]:

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from splitserve import up
+from splitserve.models import checkpoint_init
 from splitserve.models.checkpoint_init import (
     ARCHITECTURES,
     PRESETS,
@@ -250,6 +252,48 @@ def test_non_empty_directory_needs_overwrite(tmp_path):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
     assert not (out / "model.safetensors.index.json").exists()
     AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left beside it
+
+
+def _fail_after_the_first_shard(monkeypatch):
+    def write_then_fail(out, *args):
+        (out / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the weights
+
+    monkeypatch.setattr(checkpoint_init, "_write_weights", write_then_fail)
+
+
+def test_an_interrupted_write_leaves_no_checkpoint(tmp_path, monkeypatch):
+    _fail_after_the_first_shard(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        init_checkpoint(tmp_path / "ckpt", "llama")
+    assert list(tmp_path.iterdir()) == []  # no config.json without weights, no temporary folder
+
+
+def test_an_interrupted_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    out = init_checkpoint(tmp_path / "ckpt", "llama", overrides={"num_hidden_layers": 1})
+    before = _file_bytes(out)
+    _fail_after_the_first_shard(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        init_checkpoint(out, "llama", seed=3, overwrite=True)
+    assert _file_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_up_rewrites_a_demo_folder_left_half_written(tmp_path, monkeypatch, capsys):
+    # An older release could leave the demo folder holding config.json alone; `up` then failed
+    # on every run until the folder was deleted by hand.
+    demo = tmp_path / "demo-llama-tiny"
+    demo.mkdir()
+    (demo / "config.json").write_text(json.dumps(build_config("llama", "tiny").to_dict()))
+    monkeypatch.setattr(up, "DEMO_DIR", demo)
+    assert up.demo_checkpoint() == demo
+    assert "writing the random-weight demo checkpoint" in capsys.readouterr().out
+    AutoModelForCausalLM.from_pretrained(demo, local_files_only=True)
+    AutoTokenizer.from_pretrained(demo, local_files_only=True)
+    written = _file_bytes(demo)
+    assert up.demo_checkpoint() == demo  # whole now: used as it is, silently
+    assert capsys.readouterr().out == "" and _file_bytes(demo) == written
 
 
 # Published sizes; the counts come from the config alone, nothing is allocated.
