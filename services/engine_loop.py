@@ -9,6 +9,7 @@ one per request. The model never runs on the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -21,24 +22,11 @@ from splitserve.engine.errors import InvalidRequestError, QueueFullError
 from splitserve.engine.request import TokenLogprob
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import KVLoad, RemoteKV
+from splitserve.engine.stats import EngineStats, RequestTimes
+
+__all__ = ["EngineLoop", "EngineStats", "Finished", "Sink"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_waiting: int = 0
-    num_running: int = 0
-    num_loading: int = 0
-    num_held: int = 0
-    num_total_blocks: int = 0
-    num_free_blocks: int = 0
-    num_pinned_blocks: int = 0
-    num_prompt_tokens_computed: int = 0
-    num_prefix_hit_tokens: int = 0
-    num_preemptions: int = 0
-    num_discarded_rows: int = 0  # async scheduling: rows computed for requests that had stopped
-    num_tokens_in_flight: int = 0  # accepted prompt tokens not computed yet
 
 
 class Sink(Protocol):
@@ -73,7 +61,9 @@ class EngineLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.stats = EngineStats(num_total_blocks=engine.block_pool.num_blocks, num_free_blocks=engine.block_pool.num_free_blocks)
+        self.stats: EngineStats = engine.stats()
+        # Finished requests' intervals, appended by the engine thread and taken by the metrics task.
+        self.request_times: collections.deque[RequestTimes] = collections.deque(maxlen=100_000)
         self.error: BaseException | None = None
         self.num_finished = 0
 
@@ -229,18 +219,5 @@ class EngineLoop:
                     del self._streams[request_id]
 
     def _publish_stats(self) -> None:
-        s, pool = self.engine.scheduler, self.engine.block_pool
-        self.stats = EngineStats(
-            num_waiting=len(s.waiting),
-            num_running=len(s.running),
-            num_loading=len(s.loading),
-            num_held=len(s.held),
-            num_total_blocks=pool.num_blocks,
-            num_free_blocks=pool.num_free_blocks,
-            num_pinned_blocks=sum(len(self.engine.get_block_ids(r)) for r in list(s.held)),
-            num_prompt_tokens_computed=s.num_prompt_tokens_computed,
-            num_prefix_hit_tokens=s.num_prefix_hit_tokens,
-            num_preemptions=s.num_preemptions,
-            num_discarded_rows=self.engine.num_discarded_rows,
-            num_tokens_in_flight=sum(r.num_tokens - r.num_computed_tokens for r in [*s.waiting, *s.running]),
-        )
+        self.stats = self.engine.stats()
+        self.request_times.extend(self.engine.drain_request_times())

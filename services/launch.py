@@ -8,16 +8,16 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitserve.controlplane import ControlPlane, ControlPlaneServicer, ControlPlaneUnavailable, MemoryControlPlane, RemoteControlPlane, connect
+from splitserve.controlplane import EMBEDDED_URLS, ControlPlane, ControlPlaneServicer, ControlPlaneUnavailable, MemoryControlPlane, RemoteControlPlane, connect
 from splitserve.models.arch import load_arch_config
-from splitserve.services.grpc_server import ServiceHost
+from splitserve.services.grpc_server import PortInUse, ServiceHost
 from splitserve.services.metrics import ServiceMetrics
-from splitserve.services.router.auth import ApiKeys, BearerKey, GuardedServer
+from splitserve.services.router.auth import ApiKeys, ServiceEdge
 from splitserve.services.router.generation import GenerationService, RouterSettings
-from splitserve.services.router.request_input import ModelLimits
+from splitserve.services.router.request_input import ModelLimits, longest_token_chars
 from splitserve.services.router.routing import make_policy
 from splitserve.services.router.workers import WorkerDirectory
-from splitserve.services.security import TLSConfig, dial, router_to_workers, worker_to_peers
+from splitserve.services.security import SecurityConfigError, TLSConfig, dial, read_worker_key, router_to_workers, with_key, worker_to_peers
 from splitserve.services.worker import WorkerConfig, WorkerRuntime
 from splitserve.tokenizer import load_tokenizer
 from splitserve.v1 import generation_pb2_grpc, worker_pb2_grpc
@@ -35,6 +35,11 @@ class Listen:
     drain_seconds: float = 30.0
 
 
+# Calls the router's gRPC server takes beyond --max-inflight generations (control plane, health,
+# reflection); past the sum grpcio refuses a call RESOURCE_EXHAUSTED before it reaches any handler.
+RPC_HEADROOM = 64
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     model_dir: Path
@@ -50,7 +55,9 @@ class RouterConfig:
     http_port: int | None = None  # the OpenAI-compatible HTTP API; None: off, 0: any free port
     served_model_name: str | None = None  # default: the checkpoint folder's name
     tls: TLSConfig | None = None  # public listeners (cert/key) and TLS to the workers (ca); services/security.py
-    api_keys_file: Path | None = None  # None: no authentication
+    api_keys_file: Path | None = None  # clients' keys; None: no authentication
+    worker_keys_file: Path | None = None  # workers' keys (the embedded control plane; the first one dials workers)
+    trust_request_chat_template: bool = False  # let a chat request bring its own template (it runs in this process)
 
 
 def _announce(role: str, host: str, port: int, metrics_port: int | None, *notes: str) -> None:
@@ -64,7 +71,14 @@ async def serve_router(config: RouterConfig) -> None:
     metrics = ServiceMetrics("router")
     arch = load_arch_config(config.model_dir)
     tokenizer = load_tokenizer(config.model_dir)
-    if config.control_plane_url in ("embedded", "memory"):
+    embedded = config.control_plane_url in EMBEDDED_URLS
+    client_keys = ApiKeys(config.api_keys_file) if config.api_keys_file is not None else None
+    worker_keys = ApiKeys(config.worker_keys_file, what="worker keys file") if config.worker_keys_file is not None else None
+    if embedded and client_keys is not None and worker_keys is None:
+        raise SecurityConfigError(
+            "--api-keys-file with the embedded control plane needs --worker-keys-file: workers register with a key of their own, never a client's"
+        )
+    if embedded:
         control_plane = MemoryControlPlane()
     else:
         control_plane = await connect(config.control_plane_url)
@@ -73,6 +87,7 @@ async def serve_router(config: RouterConfig) -> None:
         max_model_len=config.max_model_len or arch.max_position_embeddings,
         max_tokens_limit=config.max_tokens_limit,
         default_max_tokens=config.default_max_tokens,
+        max_token_chars=longest_token_chars(tokenizer),
     )
     settings = RouterSettings(
         model_name=config.served_model_name or config.model_dir.name,
@@ -82,24 +97,32 @@ async def serve_router(config: RouterConfig) -> None:
         eos_token_ids=tuple(sorted(arch.eos_token_ids)),
         prefill_threshold=config.prefill_threshold,
         max_inflight=config.max_inflight,
+        trust_request_chat_template=config.trust_request_chat_template,
     )
-    workers = WorkerDirectory(control_plane, config.block_size, security=router_to_workers(config.tls))
+    worker_key = read_worker_key(config.worker_keys_file)
+    workers = WorkerDirectory(control_plane, config.block_size, security=router_to_workers(config.tls, worker_key))
     service = GenerationService(settings, tokenizer, workers, make_policy(config.policy), metrics)
-    host = ServiceHost(["splitserve.v1.Generation", "splitserve.v1.ControlPlane"], metrics.registry)
-    # With API keys, every call to these services needs one; health and reflection stay open for probes.
-    keys = ApiKeys(config.api_keys_file) if config.api_keys_file is not None else None
-    services = host.server if keys is None else GuardedServer(host.server, keys, lambda: metrics.error("unauthenticated"))
-    generation_pb2_grpc.add_GenerationServicer_to_server(service, services)
-    # Workers on this machine register here when no shared store is configured.
-    ControlPlaneServicer(control_plane).add_to_server(services)
+    host = ServiceHost(
+        ["splitserve.v1.Generation", *(["splitserve.v1.ControlPlane"] if embedded else [])], metrics.registry,
+        max_receive_bytes=limits.max_request_bytes, max_concurrent_rpcs=config.max_inflight + RPC_HEADROOM,
+    )
+    # Clients' keys open Generation only, workers' keys the control plane only (docs/security.md);
+    # health and reflection stay open for probes.
+    rejected = lambda: metrics.error("unauthenticated")  # noqa: E731
+    generation_pb2_grpc.add_GenerationServicer_to_server(service, ServiceEdge(host.server, client_keys, rejected))
+    if embedded:  # workers on this machine register here when no shared store is configured
+        ControlPlaneServicer(control_plane).add_to_server(ServiceEdge(host.server, worker_keys, rejected, credential="worker key"))
     port = host.bind(f"{config.listen.host}:{config.listen.port}", config.tls.server_credentials(False) if config.tls else None)
     draining = asyncio.Event()
     http = None
     if config.http_port is not None:
         from splitserve.services.router.openai import HttpServer, build_app
 
-        app = build_app(service, keys, is_serving=lambda: not draining.is_set())
-        http = HttpServer(app, config.listen.host, config.http_port, config.tls, config.listen.drain_seconds)
+        app = build_app(service, client_keys, is_serving=lambda: not draining.is_set())
+        try:
+            http = HttpServer(app, config.listen.host, config.http_port, config.tls, config.listen.drain_seconds)
+        except OSError as e:
+            raise PortInUse(f"cannot listen on {config.listen.host}:{config.http_port} (HTTP): {e.strerror}") from None
     metrics_port = await host.start(config.listen.metrics_port)
     if http is not None:
         await http.start()
@@ -125,26 +148,30 @@ def _stop_on_signals(host: ServiceHost, http, draining: asyncio.Event, grace: fl
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(stop()))
 
 
-async def serve_worker(config: WorkerConfig, listen: Listen, tls: TLSConfig | None = None, control_plane_key: str | None = None) -> None:
+async def serve_worker(config: WorkerConfig, listen: Listen, tls: TLSConfig | None = None, worker_keys_file: Path | None = None) -> None:
     """``tls``: what the worker serves with and how it dials its peers (services/security.py);
-    ``control_plane_key``: the API key for a router's embedded store that requires keys."""
+    ``worker_keys_file``: the worker credential: callers of this worker must present one of its
+    keys, and it presents the first to the control plane and to its peers (docs/security.md)."""
     from splitserve.services.decode.service import DecodeService
     from splitserve.services.prefill.service import PrefillService
 
     metrics = ServiceMetrics(config.role)
-    control_plane = await _worker_control_plane(config.control_plane_url, tls, control_plane_key)
+    keys = ApiKeys(worker_keys_file, what="worker keys file") if worker_keys_file is not None else None
+    worker_key = read_worker_key(worker_keys_file)
+    control_plane = await _worker_control_plane(config.control_plane_url, tls, worker_key)
     name = "splitserve.v1.PrefillWorker" if config.role == "prefill" else "splitserve.v1.DecodeWorker"
     host = ServiceHost([name], metrics.registry)
+    edge = ServiceEdge(host.server, keys, lambda: metrics.error("unauthenticated"), credential="worker key")
     port = host.bind(f"{listen.host}:{listen.port}", tls.server_credentials(verify_clients=True) if tls else None)
     if config.address.endswith(":0"):  # advertise the port actually bound
         config = dataclasses.replace(config, address=f"{config.address.rsplit(':', 1)[0]}:{port}")
     runtime = await asyncio.to_thread(WorkerRuntime, config, control_plane, metrics)
     if config.role == "prefill":
         service = PrefillService(runtime)
-        worker_pb2_grpc.add_PrefillWorkerServicer_to_server(service, host.server)
+        worker_pb2_grpc.add_PrefillWorkerServicer_to_server(service, edge)
     else:
-        service = DecodeService(runtime, security=worker_to_peers(tls))
-        worker_pb2_grpc.add_DecodeWorkerServicer_to_server(service, host.server)
+        service = DecodeService(runtime, security=worker_to_peers(tls, worker_key))
+        worker_pb2_grpc.add_DecodeWorkerServicer_to_server(service, edge)
     metrics_port = await host.start(listen.metrics_port)
     await runtime.start()
     await service.start()
@@ -173,13 +200,13 @@ async def serve_worker(config: WorkerConfig, listen: Listen, tls: TLSConfig | No
 
 
 async def _worker_control_plane(url: str, tls: TLSConfig | None, api_key: str | None, timeout: float = 2.0) -> ControlPlane:
-    """A router's embedded store over TLS (``grpcs://``) or with an API key; any other store as connect() opens it."""
+    """A router's embedded store over TLS (``grpcs://``) or with a worker key; any other store as connect() opens it."""
     scheme, _, target = url.partition("://")
     if scheme not in ("grpc", "grpcs") or (scheme == "grpc" and api_key is None):
         return await connect(url, timeout_seconds=timeout)
     # grpcs: the router's certificate is checked against --tls-ca (else the system's roots).
-    security = (tls or TLSConfig()).peer_channels() if scheme == "grpcs" else None
-    channel = dial(target, security, interceptors=[BearerKey(api_key)] if api_key else None)
+    security = with_key((tls or TLSConfig()).peer_channels() if scheme == "grpcs" else None, api_key)
+    channel = dial(target, security)
     try:
         await asyncio.wait_for(channel.channel_ready(), timeout)
     except TimeoutError:

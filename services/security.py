@@ -11,6 +11,7 @@ NIXL's data plane (the KV bytes themselves) does not go through gRPC and is not 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +24,12 @@ class SecurityConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ChannelSecurity:
-    """How a process dials its peers: TLS credentials, and the name their certificates must carry."""
+    """How a process dials its peers: TLS credentials and the name their certificates must carry,
+    and the worker key it presents (the credential of the internal services, docs/security.md)."""
 
-    credentials: grpc.ChannelCredentials
+    credentials: grpc.ChannelCredentials | None = None  # None: plaintext
     server_name: str | None = None  # checked instead of the host in the address (workers advertise pod IPs)
+    key: str | None = None  # sent as authorization: Bearer KEY on every call
 
     def options(self) -> list[tuple[str, str]]:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
@@ -75,6 +78,20 @@ class TLSConfig:
         return ChannelSecurity(credentials, self.server_name)
 
 
+def read_worker_key(path: Path | None) -> str | None:
+    """The key a worker (or a router dialing workers) presents: the first one in its worker keys file."""
+    if path is None:
+        return None
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise SecurityConfigError(f"cannot read worker keys file {path}: {e.strerror}") from None
+    key = next((line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")), None)
+    if key is None:
+        raise SecurityConfigError(f"worker keys file {path} holds no keys")
+    return key
+
+
 def router_tls(cert=None, key=None, ca=None, client_cert=None, client_key=None, server_name=None) -> TLSConfig | None:
     """The router's TLS files. cert/key: its public listeners; ca: TLS to the workers, mutual with a client pair."""
     tls = TLSConfig(_path(cert), _path(key), _path(ca), _path(client_cert), _path(client_key), server_name)
@@ -91,21 +108,66 @@ def worker_tls(cert=None, key=None, ca=None, server_name=None) -> TLSConfig | No
     return tls if tls.enabled else None
 
 
-def router_to_workers(tls: TLSConfig | None) -> ChannelSecurity | None:
-    """The router dials workers over TLS only when it has a CA to check them with."""
-    return tls.peer_channels() if tls is not None and tls.ca is not None else None
+def router_to_workers(tls: TLSConfig | None, worker_key: str | None = None) -> ChannelSecurity | None:
+    """The router dials workers over TLS only when it has a CA to check them with; with its worker key when it has one."""
+    return with_key(tls.peer_channels() if tls is not None and tls.ca is not None else None, worker_key)
 
 
-def worker_to_peers(tls: TLSConfig | None) -> ChannelSecurity | None:
-    """A worker with a certificate dials its peers (configured alike) over TLS, presenting it."""
-    return tls.peer_channels() if tls is not None and tls.cert is not None else None
+def worker_to_peers(tls: TLSConfig | None, worker_key: str | None = None) -> ChannelSecurity | None:
+    """A worker with a certificate dials its peers (configured alike) over TLS, presenting it; its worker key, if any, too."""
+    return with_key(tls.peer_channels() if tls is not None and tls.cert is not None else None, worker_key)
+
+
+def with_key(security: ChannelSecurity | None, key: str | None) -> ChannelSecurity | None:
+    if key is None:
+        return security
+    return dataclasses.replace(security, key=key) if security is not None else ChannelSecurity(key=key)
 
 
 def dial(address: str, security: ChannelSecurity | None, options: list[tuple[str, object]] = (), interceptors=None) -> grpc.aio.Channel:
-    """A grpc.aio channel to a peer, over TLS when ``security`` is given."""
-    if security is None:
-        return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
-    return grpc.aio.secure_channel(address, security.credentials, options=[*options, *security.options()], interceptors=interceptors)
+    """A grpc.aio channel to a peer, over TLS when ``security`` has credentials, presenting its key when it has one."""
+    interceptors = list(interceptors or ())
+    if security is not None and security.key is not None:
+        interceptors += bearer_key(security.key)
+    if security is None or security.credentials is None:
+        return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors or None)
+    return grpc.aio.secure_channel(
+        address, security.credentials, options=[*options, *security.options()], interceptors=interceptors or None
+    )
+
+
+class _BearerKey:
+    def __init__(self, key: str) -> None:
+        self._header = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return details._replace(metadata=grpc.aio.Metadata(*(tuple(details.metadata or ())), self._header))
+
+
+class _UnaryUnaryKey(_BearerKey, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._with_key(client_call_details), request)
+
+
+class _UnaryStreamKey(_BearerKey, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._with_key(client_call_details), request)
+
+
+class _StreamUnaryKey(_BearerKey, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._with_key(client_call_details), request_iterator)
+
+
+class _StreamStreamKey(_BearerKey, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._with_key(client_call_details), request_iterator)
+
+
+def bearer_key(key: str) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors adding ``authorization: Bearer KEY`` to every call on a channel, of every kind
+    (grpc.aio files an interceptor under the first kind it implements only, so one per kind)."""
+    return [kind(key) for kind in (_UnaryUnaryKey, _UnaryStreamKey, _StreamUnaryKey, _StreamStreamKey)]
 
 
 def _path(value) -> Path | None:

@@ -106,6 +106,7 @@ class WorkerRuntime:
         )
         self.presence = WorkerAgent(control_plane, info, self.load, lambda: list(self.engine.block_pool.cached), config.heartbeat_ttl_seconds)
         self.control_plane = control_plane
+        self.vllm_series = metrics.engine_series(model_name)
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -165,6 +166,8 @@ class WorkerRuntime:
             self.metrics.prefix_hits.labels(role).inc(hits)
             self.metrics.preemptions.labels(role).inc(s.num_preemptions - last.num_preemptions)
             self.metrics.discarded_rows.labels(role).inc(s.num_discarded_rows - last.num_discarded_rows)
+            times = self.loop.request_times
+            self.vllm_series.observe(s, last, [times.popleft() for _ in range(len(times))])
             last = s
             await asyncio.sleep(0.5)
 

@@ -50,13 +50,18 @@ def _add_worker(p: argparse.ArgumentParser, port: int, metrics_port: int) -> Non
     tls.add_argument("--tls-ca", type=Path, default=None,
                      help="CA bundle peers are checked against; callers must then present a certificate it signed (mutual TLS)")
     tls.add_argument("--tls-server-name", default=None, help="name expected in peers' certificates instead of the host of their address")
-    tls.add_argument("--control-plane-api-key-file", type=Path, default=None,
-                     help="file whose first line is the API key for a router's embedded store (grpc:// or grpcs://) that requires keys")
+    p.add_argument("--worker-keys-file", type=Path, default=None,
+                   help="the worker credential (never a client's API key): callers of this worker must present one of its keys; "
+                        "it presents the first to the control plane and to its peers (docs/security.md)")
 
 
 def _add_router_security(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-keys-file", type=Path, default=None,
                    help="accepted API keys, one per line (e.g. a mounted Secret; re-read when it changes); clients send authorization: Bearer KEY")
+    p.add_argument("--worker-keys-file", type=Path, default=None,
+                   help="accepted worker keys (the embedded control plane takes only these); the first is presented to the workers")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let chat requests bring their own chat_template (it is rendered in the router: trusted clients only)")
     tls = p.add_argument_group("TLS (docs/security.md)")
     tls.add_argument("--tls-cert", type=Path, default=None, help="certificate (PEM) of the public gRPC and HTTP listeners")
     tls.add_argument("--tls-key", type=Path, default=None, help="its private key (PEM)")
@@ -100,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefill-threshold", type=int, default=0, help="prompts shorter than this skip the prefill worker")
     up.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API port (0: any free port, -1: off)")
     up.add_argument("--api-keys-file", type=Path, default=None, help="accepted API keys, one per line (both APIs then need one)")
+    up.add_argument("--worker-keys-file", type=Path, default=None,
+                    help="the workers' credential towards the router and each other (default: a fresh key for this run; never a client key)")
     up.add_argument("--tls-cert", type=Path, default=None, help="certificate (PEM) of the public listeners; needs --tls-ca")
     up.add_argument("--tls-key", type=Path, default=None)
     up.add_argument("--tls-ca", type=Path, default=None,
@@ -219,6 +226,8 @@ def _run_router(args) -> int:
         served_model_name=args.served_model_name,
         tls=router_tls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_client_cert, args.tls_client_key, args.tls_server_name),
         api_keys_file=args.api_keys_file,
+        worker_keys_file=args.worker_keys_file,
+        trust_request_chat_template=args.trust_request_chat_template,
     )
     return _serve(serve_router(config))
 
@@ -227,8 +236,7 @@ def _run_router(args) -> int:
 def _run_worker(args) -> int:
     from splitserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, TransferConfig
     from splitserve.services.launch import Listen, serve_worker
-    from splitserve.services.router.auth import read_keys
-    from splitserve.services.security import SecurityConfigError, worker_tls
+    from splitserve.services.security import worker_tls
     from splitserve.services.worker import WorkerConfig
 
     from splitserve.config import ConfigError, ParallelConfig
@@ -265,14 +273,8 @@ def _run_worker(args) -> int:
     )
     listen = Listen(args.host, args.port, None if args.metrics_port < 0 else args.metrics_port, args.drain_seconds)
     tls = worker_tls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)
-    key = None
-    if args.control_plane_api_key_file is not None:
-        keys = read_keys(args.control_plane_api_key_file)
-        if not keys:
-            raise SecurityConfigError(f"--control-plane-api-key-file {args.control_plane_api_key_file} holds no key")
-        key = keys[0]
     try:
-        return _serve(serve_worker(config, listen, tls, key))
+        return _serve(serve_worker(config, listen, tls, args.worker_keys_file))
     except RankFailedError as e:  # the worker took itself down: health, registration and requests are settled
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -287,13 +289,17 @@ def _kv_cache_bytes(args) -> int | None:
 
 
 def _serve(coro) -> int:
-    """Runs a service; a control plane that cannot be reached is a one-line error, not a traceback."""
+    """Runs a service; a control plane that cannot be reached or a port in use is a one-line error, not a traceback."""
     from splitserve.controlplane import ControlPlaneUnavailable
+    from splitserve.services.grpc_server import PortInUse
 
     try:
         asyncio.run(coro)
     except ControlPlaneUnavailable as e:
         print(f"error: control plane unavailable: {e}", file=sys.stderr)
+        return 2
+    except PortInUse as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

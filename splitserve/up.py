@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -64,14 +66,23 @@ def demo_checkpoint() -> Path:
     return DEMO_DIR
 
 
-def _security_args(args) -> tuple[list[str], list[str], str]:
-    """Router args, worker args and the control-plane scheme for --tls-*/--api-keys-file.
+def _worker_keys_file(folder: Path) -> Path:
+    """A fresh worker key for this platform: the workers' credential towards the router and each
+    other, never given to clients (the clients' keys open the public APIs only)."""
+    path = folder / "worker-keys"
+    path.touch(mode=0o600)
+    path.write_text(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
+def _security_args(args, worker_keys: Path) -> tuple[list[str], list[str], str]:
+    """Router args, worker args and the control-plane scheme for --tls-*/--api-keys-file and the worker key.
 
     On one machine one certificate serves all three processes: the public listeners, and
     mutual TLS between router and workers (so it must name the host they listen on).
     """
-    router: list[str] = []
-    worker: list[str] = []
+    router: list[str] = ["--worker-keys-file", str(worker_keys)]
+    worker: list[str] = ["--worker-keys-file", str(worker_keys)]
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("error: --tls-cert and --tls-key go together")
     if args.tls_cert is not None and args.tls_ca is None:
@@ -84,12 +95,13 @@ def _security_args(args) -> tuple[list[str], list[str], str]:
         worker += tls
     if args.api_keys_file is not None:
         router += ["--api-keys-file", str(args.api_keys_file)]
-        worker += ["--control-plane-api-key-file", str(args.api_keys_file)]
     return router, worker, "grpcs" if args.tls_cert is not None else "grpc"
 
 
 def run_up(args) -> int:
-    router_security, worker_security, scheme = _security_args(args)
+    secrets_dir = tempfile.TemporaryDirectory(prefix="splitserve-up-")
+    worker_keys = args.worker_keys_file or _worker_keys_file(Path(secrets_dir.name))
+    router_security, worker_security, scheme = _security_args(args, worker_keys)
     model = args.model
     if model is None:
         model = demo_checkpoint()
@@ -108,7 +120,7 @@ def run_up(args) -> int:
         common = ["--model", str(model), "--host", args.host, "--port", "0", "--metrics-port", "0",
                   "--device", args.device, "--control-plane", f"{scheme}://{address}", *worker_security]
         for role in ("prefill", "decode"):
-            proc, _, _ = _start([role, *common, "--worker-id", f"{role}-0"], role)
+            proc, _, _ = _start([role, *common, "--worker-id", f"{role}-{os.getpid()}"], role)
             procs.append(proc)
         router_http = HTTP_URL.search(ready_line)
         http = f"; OpenAI-compatible HTTP API at {router_http.group(1)}" if router_http else ""
@@ -118,11 +130,17 @@ def run_up(args) -> int:
         failed = [p for p in procs if p.poll() not in (None, 0)]
         return 1 if failed else 0
     finally:
-        for proc in reversed(procs):  # workers drain first, the router last
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        # Workers first, and the router only once they are gone: they deregister from its
+        # embedded control plane and drain their requests through it.
+        workers, router_procs = procs[1:], procs[:1]
+        for group in (workers, router_procs):
+            for proc in group:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+            for proc in group:
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        secrets_dir.cleanup()

@@ -12,6 +12,7 @@ from splitserve.kvtransfer import KVTransferError, PeerDisconnectedError, Transf
 from splitserve.parallel import RankFailedError
 from splitserve.services.convert import token_logprob_from_proto
 from splitserve.services.decode.session import RouterSession
+from splitserve.services.peers import ListedPeers
 from splitserve.services.security import ChannelSecurity, dial
 from splitserve.services.worker import WorkerRuntime, peer_from_proto
 from splitserve.services.worker_calls import RequestFailed, parse, submit
@@ -30,6 +31,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self._handles: dict[str, worker_pb.KVHandle] = {}  # request id -> where its KV is
         self._handshakes: dict[str, asyncio.Future] = {}  # agent name -> peer added
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.peers = ListedPeers(runtime.control_plane)  # the only prefill workers this one dials
         self.num_kv_transfers = 0
         self.num_kv_bytes = 0
         self.num_local_prefills = 0
@@ -56,6 +58,11 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         """
         request_id, prompt, params = parse(request.request)
         kv = request.kv if request.HasField("kv") else None
+        if kv is not None and not await self.peers.listed(kv.worker_id, kv.address):
+            # Not a prefill worker of the registry at that address: neither read from nor released there.
+            log.warning("refusing KV of %s: %s at %s is not a listed prefill worker; prefilling locally", request_id, kv.worker_id, kv.address)
+            self.runtime.metrics.error("kv_peer_unlisted")
+            kv = None
         if kv is not None:
             try:
                 await self._ensure_peer(kv)

@@ -1,4 +1,4 @@
-"""API keys for the router's gRPC and HTTP APIs.
+"""Keys for the router's gRPC and HTTP APIs (clients) and for the internal services (workers).
 
 Keys come from a file, one per line (a Kubernetes Secret mounted as a file); the file is
 re-read when it changes, so a rotated Secret takes effect without a restart. Only SHA-256
@@ -49,12 +49,12 @@ def bearer(value: str | None) -> str | None:
 class ApiKeys:
     """The accepted keys. ``check(key)`` is safe to call on every request."""
 
-    def __init__(self, path: Path, reload_interval_seconds: float = 1.0) -> None:
+    def __init__(self, path: Path, reload_interval_seconds: float = 1.0, what: str = "API keys file") -> None:
         self.path = Path(path)
         self.reload_interval_seconds = reload_interval_seconds
         self._digests = self._load()
         if not self._digests:
-            raise SecurityConfigError(f"API keys file {self.path} holds no keys")
+            raise SecurityConfigError(f"{what} {self.path} holds no keys")
         self._version = self._stat()
         self._checked_at = time.monotonic()
 
@@ -95,19 +95,48 @@ class ApiKeys:
         log.info("API keys reloaded from %s (%d keys)", self.path, len(self._digests))
 
 
-class GuardedServer:
-    """Adds servicers to a grpc.aio server so that every call to them must carry a valid key.
+class Malformed:
+    """What a request that does not parse becomes, so the handler can refuse it by name."""
 
-    It stands in for the server in ``add_*Servicer_to_server(servicer, GuardedServer(...))``
-    and wraps each method handler: the key is checked before the servicer runs, so a
-    rejected call does no work and reaches no worker. Services added to the server directly
-    (health checking and reflection) stay open, so probes need no key.
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserialize: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+    # grpcio answers a deserializer's exception with UNKNOWN, the exception's class name and a
+    # traceback in the log for every such request; bad bytes are the caller's fault.
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> object:
+        try:
+            return deserialize(data)
+        except Exception as e:  # noqa: BLE001 -- DecodeError, invalid UTF-8 in a string field
+            return Malformed(e)
+
+    return parse
+
+
+class ServiceEdge:
+    """Adds servicers to a grpc.aio server behind the checks every call must pass first.
+
+    It stands in for the server in ``add_*Servicer_to_server(servicer, ServiceEdge(...))`` and
+    wraps each method handler: with ``keys``, the caller's key is checked before the servicer
+    runs, so a rejected call does no work and reaches no worker; and a request that does not
+    parse (malformed protobuf, invalid UTF-8) is INVALID_ARGUMENT, with nothing logged.
+    ``credential`` names what the keys are in error messages ("API key", "worker key").
+    Services added to the server directly (health checking and reflection) stay open, so
+    probes need no key.
     """
 
-    def __init__(self, server: grpc.aio.Server, keys: ApiKeys, on_reject: Callable[[], None]) -> None:
+    def __init__(
+        self, server: grpc.aio.Server, keys: ApiKeys | None = None, on_reject: Callable[[], None] = lambda: None, credential: str = "API key"
+    ) -> None:
         self._server = server
         self._keys = keys
         self._on_reject = on_reject
+        self._missing, self._wrong = (MISSING_KEY, WRONG_KEY) if credential == "API key" else (
+            f"missing {credential}: send the header `authorization: Bearer <key>`", f"invalid {credential}")
 
     def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
         self._server.add_generic_rpc_handlers([_GuardedGenericHandler(h, self._guard) for h in handlers])
@@ -115,32 +144,38 @@ class GuardedServer:
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
         self._server.add_registered_method_handlers(service, {name: self._guard(h) for name, h in handlers.items()})
 
-    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
-        value = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
-        key = bearer(value)
-        if not self._keys.check(key):
-            self._on_reject()
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, MISSING_KEY if key is None else WRONG_KEY)
+    async def _admit(self, request, context: grpc.aio.ServicerContext) -> None:
+        if self._keys is not None:
+            value = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+            key = bearer(value)
+            if not self._keys.check(key):
+                self._on_reject()
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, self._missing if key is None else self._wrong)
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request does not parse: {request.error}")
 
     def _guard(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behavior = getattr(handler, kind)
             if behavior is not None:
-                return handler._replace(**{kind: self._guard_behavior(behavior)})
+                guarded = {kind: self._guard_behavior(behavior)}
+                if not handler.request_streaming:
+                    guarded["request_deserializer"] = _lenient(handler.request_deserializer)
+                return handler._replace(**guarded)
         return handler
 
     def _guard_behavior(self, behavior):
         if inspect.isasyncgenfunction(behavior):
 
             async def guarded_stream(request, context):
-                await self._admit(context)
+                await self._admit(request, context)
                 async for response in behavior(request, context):
                     yield response
 
             return guarded_stream
 
         async def guarded(request, context):
-            await self._admit(context)
+            await self._admit(request, context)
             return await behavior(request, context)
 
         return guarded
@@ -154,20 +189,3 @@ class _GuardedGenericHandler(grpc.GenericRpcHandler):
     def service(self, handler_call_details):
         handler = self._inner.service(handler_call_details)
         return None if handler is None else self._wrap(handler)
-
-
-class BearerKey(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """Client side: adds ``authorization: Bearer KEY`` to every call on a channel (plaintext or TLS)."""
-
-    def __init__(self, key: str) -> None:
-        self._header = ("authorization", f"Bearer {key}")
-
-    def _with_key(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(tuple(details.metadata or ())), self._header)
-        return details._replace(metadata=metadata)
-
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
-        return await continuation(self._with_key(client_call_details), request)
-
-    async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(self._with_key(client_call_details), request)

@@ -83,13 +83,19 @@ class IncrementalDetokenizer:
         return delta
 
     def _partial_stop_len(self) -> int:
-        """Length of the longest text suffix that is a proper prefix of some stop string."""
-        best = 0
+        """Length of the longest text suffix that is a proper prefix of some stop string.
+
+        Only the places where a stop string's first character occurs can start one, found by
+        str.find: per token this costs a few C-level searches, not a Python loop over every
+        length of every stop string (the request checks bound their number and length)."""
+        best, text = 0, self.text
         for stop in self.stop:
-            for n in range(min(len(stop) - 1, len(self.text)), best, -1):
-                if self.text.endswith(stop[:n]):
-                    best = n
+            at = text.find(stop[0], max(len(text) - len(stop) + 1, 0))
+            while at != -1 and len(text) - at > best:
+                if stop.startswith(text[at:]):
+                    best = len(text) - at
                     break
+                at = text.find(stop[0], at + 1)
         return best
 
     def flush(self) -> str:

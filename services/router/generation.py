@@ -54,6 +54,7 @@ class RouterSettings:
     eos_token_ids: tuple[int, ...]
     prefill_threshold: int = 0  # prompts shorter than this are prefilled on the decode worker
     max_inflight: int = 1024
+    trust_request_chat_template: bool = False  # chat requests may bring their own template (HTTP API)
 
 
 @dataclass
@@ -75,7 +76,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.workers = workers
         self.policy = policy
         self.metrics = metrics
-        self._ttft, self._itl = metrics.ttft.labels("router"), metrics.itl.labels("router")  # observed per token
+        self.series = metrics.frontend_series(settings.model_name)
+        self._ttft, self._itl = self.series.ttft, self.series.itl  # observed per token
         self.num_inflight = 0
 
     async def GetModelInfo(self, request, context) -> gen_pb.ModelInfo:
@@ -104,14 +106,20 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         Yields Delta messages, then one Final; raises GenerateError. ``timeout`` is the
         caller's own deadline in seconds (the gRPC call's), on top of the request's.
         """
+        start = time.perf_counter()  # arrival: end-to-end latency counts tokenizing
         if self.num_inflight >= self.settings.max_inflight:
             self.metrics.error("queue_full")
             raise GenerateError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.num_inflight} requests in flight; try again later")
+        self.num_inflight += 1  # before prepare's await (a long prompt is tokenized on a thread): admission holds
         try:
-            prepared = prepare(request, self.tokenizer, self.settings.limits)
+            prepared = await prepare(request, self.tokenizer, self.settings.limits)
         except InvalidRequestError as e:
+            self.num_inflight -= 1
             self.metrics.error("invalid_argument")
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field) from None
+        except BaseException:
+            self.num_inflight -= 1
+            raise
         # One deadline for the whole path, the earlier of the request's timeout_seconds and the
         # call's own. It ends each wait from inside (a worker call's timeout, a timer on the decode
         # stream), never by cancelling the task: a cancel landing while the stream is suspended in
@@ -119,12 +127,14 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         limits = [t for t in (prepared.timeout_seconds, timeout) if t is not None]
         deadline = time.monotonic() + min(limits) if limits else None
         request_id_var.set(prepared.engine_request.request_id)
-        self.num_inflight += 1
         outcome = "error"
         try:
             async for message in self._generate(prepared, deadline):
                 yield message
             outcome = "ok"
+            final = message.final
+            reason = gen_pb.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
+            self.series.finished(reason, final.usage.prompt_tokens, final.usage.completion_tokens, time.perf_counter() - start)
         except GenerateError as e:
             if e.code != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise

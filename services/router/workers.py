@@ -33,9 +33,12 @@ class WorkerDirectory:
     """
 
     def __init__(
-        self, control_plane: ControlPlane, block_size: int, cooldown_seconds: float = 5.0, security: ChannelSecurity | None = None
+        self, control_plane: ControlPlane, block_size: int, cooldown_seconds: float = 5.0, security: ChannelSecurity | None = None,
+        registration_ttl_seconds: float = 3.0,
     ) -> None:
-        """``block_size``: what this router hashes prompts with; workers of another block size are not used."""
+        """``block_size``: what this router hashes prompts with; workers of another block size are not used.
+        ``registration_ttl_seconds``: the workers' (WorkerConfig.heartbeat_ttl_seconds), how long the
+        last known workers stay routable after the store comes back empty."""
         self.control_plane = control_plane
         self.block_size = block_size
         self._mismatched: set[str] = set()
@@ -46,10 +49,12 @@ class WorkerDirectory:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._failed_at: dict[str, float] = {}
         self._decode_streams: dict[str, DecodeStream] = {}
+        self.continuity = RegistryContinuity(control_plane, registration_ttl_seconds)
 
     async def live(self, role: str) -> list[LiveWorker]:
         now = time.monotonic()
-        workers = [w for w in await self.index.candidates(role) if self._same_block_size(w)]
+        listed = self.continuity.workers(role, await self.index.candidates(role))
+        workers = [w for w in listed if self._same_block_size(w)]
         return [w for w in workers if now - self._failed_at.get(w.info.worker_id, -1e9) > self.cooldown_seconds]
 
     def _same_block_size(self, worker: LiveWorker) -> bool:
@@ -95,3 +100,35 @@ class WorkerDirectory:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+
+class RegistryContinuity:
+    """Keeps the last known workers routable for one registration TTL after the store comes back empty.
+
+    A Redis restarted without its data lists no worker until each one's next heartbeat finds
+    itself unregistered and registers again (within a TTL); without this, every request in
+    between would be refused with "no decode worker is available" while all of them are up.
+    A worker kept this way that is really gone fails its call and is set aside like any other.
+    """
+
+    def __init__(self, control_plane: ControlPlane, grace_seconds: float, clock=time.monotonic) -> None:
+        self._control_plane = control_plane
+        self._grace_seconds = grace_seconds
+        self._clock = clock
+        self._num_resets = control_plane.num_resets
+        self._last: dict[str, list[LiveWorker]] = {}  # role -> as the store last listed them before a reset
+        self._kept: dict[str, list[LiveWorker]] = {}
+        self._kept_until = 0.0
+
+    def workers(self, role: str, listed: list[LiveWorker]) -> list[LiveWorker]:
+        now = self._clock()
+        if self._control_plane.num_resets != self._num_resets:
+            self._num_resets = self._control_plane.num_resets
+            self._kept, self._kept_until = dict(self._last), now + self._grace_seconds
+            log.warning("the control plane's store came back empty: keeping %d known workers for %.1fs while they re-register",
+                        sum(len(w) for w in self._kept.values()), self._grace_seconds)
+        if now >= self._kept_until:
+            self._last[role] = listed
+            return listed
+        ids = {w.info.worker_id for w in listed}
+        return listed + [w for w in self._kept.get(role, ()) if w.info.worker_id not in ids]

@@ -56,6 +56,12 @@ class ControlPlane(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    @property
+    def num_resets(self) -> int:
+        """How many times this client found the store emptied under it (a Redis restarted without
+        its data): the workers are alive but gone from the registry until they next heartbeat."""
+        return 0
+
     async def __aenter__(self) -> ControlPlane:
         return self
 

@@ -8,6 +8,8 @@ restarted router finds the index where it left it. Keys, under a namespace:
     {ns}:worker_blocks:{worker_id} set of the block hashes the worker holds
     {ns}:block:<16 raw bytes>     hash {worker_id: 1} of the workers holding that block
     {ns}:kv_events                stream of every applied event, capped (MAXLEN ~)
+    {ns}:epoch                    a random token set by the first client to find it missing: when
+                                  it changes, the store was emptied (restarted without its data)
 
 The block index is written together with the stream entry, in one
 transaction, by the worker that publishes; the stream is the ordered log
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from typing import NamedTuple
@@ -67,6 +70,8 @@ class RedisControlPlane(ControlPlane):
         self._match = client.register_script(redis_scripts.MATCH_PREFIX)
         self._clear = client.register_script(redis_scripts.CLEAR_BLOCKS)
         self._reaping: set[str] = set()  # worker ids this client is reaping now
+        self._epoch: bytes | None = None  # the store's epoch token as last read
+        self._num_resets = 0
 
     @classmethod
     async def connect(
@@ -147,9 +152,21 @@ class RedisControlPlane(ControlPlane):
                 self._append_event(pipe, worker_id, event)
             await pipe.execute()
 
+    @property
+    def num_resets(self) -> int:
+        return self._num_resets
+
     async def live_workers(self, role: Role | None = None) -> list[LiveWorker]:
         with self._unavailable_on_error():
-            worker_ids = sorted(w.decode() for w in await self._redis.smembers(self._workers_key))
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(self._epoch_key, uuid.uuid4().hex, nx=True)
+            pipe.get(self._epoch_key)
+            pipe.smembers(self._workers_key)
+            _, epoch, members = await pipe.execute()
+            if self._epoch is not None and epoch != self._epoch:
+                self._num_resets += 1
+            self._epoch = epoch
+            worker_ids = sorted(w.decode() for w in members)
             pipe = self._redis.pipeline(transaction=False)
             for worker_id in worker_ids:
                 pipe.hmget(self._worker_key(worker_id), "info", "load")
@@ -221,6 +238,10 @@ class RedisControlPlane(ControlPlane):
     @property
     def _workers_key(self) -> str:
         return f"{self._ns}:workers"
+
+    @property
+    def _epoch_key(self) -> str:
+        return f"{self._ns}:epoch"
 
     @property
     def _events_key(self) -> str:

@@ -10,6 +10,7 @@ one row computed for nothing, discarded.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from splitserve.engine.request import PLACEHOLDER, FinishReason, Request, TokenL
 from splitserve.engine.sampler import Sampler
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import KVLoad, RemoteKV, Scheduler, SchedulerOutput
+from splitserve.engine.stats import EngineStats, RequestClock, RequestTimes
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,9 @@ class LLMEngine:
         self._in_flight: _InFlight | None = None
         self.num_discarded_rows = 0  # rows computed for requests that had stopped (async scheduling)
         self.num_host_sampled_steps = 0  # async scheduling: steps that waited to sample on the host
+        self.num_generation_tokens = 0
+        self.num_prefix_queried_tokens = 0
+        self._clock = RequestClock()
 
     # -- requests ------------------------------------------------------------
 
@@ -134,10 +139,12 @@ class LLMEngine:
         if first_token is not None:
             request.append_output(first_token.token_id, first_token if params.logprobs or params.top_logprobs else None)
         self.scheduler.add_request(request, remote_kv=remote_kv, hold_kv=hold_kv)
+        self._clock.queued(request_id)
         return request
 
     def abort(self, request_id: str) -> bool:
         """Ends a request and frees its blocks; also releases held ones. False if unknown."""
+        self._clock.forget([request_id])
         return self.scheduler.finish_request(request_id, FinishReason.ABORT) is not None
 
     release = abort
@@ -158,8 +165,12 @@ class LLMEngine:
     # -- one step ------------------------------------------------------------
 
     def step(self) -> StepResult:
-        if not self.async_scheduling:
-            return self._step_sync()
+        start = time.monotonic()
+        result = self._step_async() if self.async_scheduling else self._step_sync()
+        self._record(result.outputs, start)
+        return result
+
+    def _step_async(self) -> StepResult:
         out = self.scheduler.schedule()
         previous, self._in_flight = self._in_flight, None
         to_sample = [self.scheduler.requests[s.request_id] for s in out.scheduled if s.sample]
@@ -196,6 +207,48 @@ class LLMEngine:
             sampled = dict(zip((r.request_id for r in to_sample), self.sampler(logits, to_sample)))
         self.scheduler.update_from_output(out, sampled)
         return StepResult([self._output(r, *sampled[r.request_id]) for r in to_sample], out.kv_loads)
+
+    # -- stats -----------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        """A snapshot: queue lengths, KV blocks, and counters since the engine started."""
+        s, pool = self.scheduler, self.block_pool
+        return EngineStats(
+            num_waiting=len(s.waiting),
+            num_running=len(s.running),
+            num_loading=len(s.loading),
+            num_held=len(s.held),
+            num_total_blocks=pool.num_blocks,
+            num_free_blocks=pool.num_free_blocks,
+            num_pinned_blocks=sum(len(self.get_block_ids(r)) for r in list(s.held)),
+            num_prompt_tokens_computed=s.num_prompt_tokens_computed,
+            num_prefix_queried_tokens=self.num_prefix_queried_tokens,
+            num_prefix_hit_tokens=s.num_prefix_hit_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+            num_preemptions=s.num_preemptions,
+            num_discarded_rows=self.num_discarded_rows,
+            num_tokens_in_flight=sum(r.num_tokens - r.num_computed_tokens for r in [*s.waiting, *s.running]),
+        )
+
+    def drain_request_times(self) -> list[RequestTimes]:
+        """The intervals of the requests finished since the last call (aborted ones excluded)."""
+        return self._clock.drain()
+
+    def _record(self, outputs: list[RequestOutput], step_start: float) -> None:
+        # A request's first schedule sets num_cached_tokens (its prefix lookup): it left the queue this step.
+        for request_id in [r for r in self._clock.unscheduled if self._first_scheduled(r)]:
+            self._clock.scheduled(request_id, step_start)
+            if self.config.cache.enable_prefix_caching:
+                self.num_prefix_queried_tokens += self.scheduler.requests[request_id].num_prompt_tokens
+        for out in outputs:
+            self.num_generation_tokens += len(out.new_token_ids)
+            self._clock.token(out.request_id, out.finish_reason.value if out.finish_reason is not None else None)
+        if len(self._clock) > len(self.scheduler.requests) - len(self.scheduler.held):  # some ended without an output
+            self._clock.forget([r for r in self._clock.known() if r not in self.scheduler.requests])
+
+    def _first_scheduled(self, request_id: str) -> bool:
+        request = self.scheduler.requests.get(request_id)
+        return request is not None and request.num_cached_tokens is not None
 
     @staticmethod
     def _placeholders(out: SchedulerOutput, previous: _InFlight | None) -> Placeholders | None:

@@ -25,9 +25,12 @@ START_TIMEOUT = 180.0
 class Service:
     """One `splitserve <role>` process; its output is kept for failure messages."""
 
-    def __init__(self, role: str, args: list[str], env: dict[str, str], credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(
+        self, role: str, args: list[str], env: dict[str, str], credentials: grpc.ChannelCredentials | None = None, worker_key: str | None = None
+    ) -> None:
         self.role = role
         self.credentials = credentials  # to call a worker directly when it requires (mutual) TLS
+        self.worker_key = worker_key  # ... or a worker key
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "splitserve.cli", role, *args],
             stdout=subprocess.PIPE,
@@ -83,7 +86,8 @@ class Service:
         channel = grpc.secure_channel(self.address, self.credentials) if self.credentials else grpc.insecure_channel(self.address)
         with channel:
             stub_cls = worker_pb2_grpc.PrefillWorkerStub if self.role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
-            return stub_cls(channel).GetStats(worker_pb.StatsRequest(), timeout=10)
+            metadata = (("authorization", f"Bearer {self.worker_key}"),) if self.worker_key else None
+            return stub_cls(channel).GetStats(worker_pb.StatsRequest(), timeout=10, metadata=metadata)
 
     def output(self) -> str:
         return "".join(self.lines)
@@ -94,18 +98,20 @@ class Cluster:
 
     def __init__(
         self, model_dir: Path, router_args: list[str] = (), worker_args: list[str] = (), control_plane: str | None = None,
-        *, router_tls: bool = False, worker_credentials: grpc.ChannelCredentials | None = None,
+        *, router_tls: bool = False, worker_credentials: grpc.ChannelCredentials | None = None, worker_key: str | None = None,
     ) -> None:
         """``control_plane``: a shared store's URL (redis://...); None: the router's embedded one.
 
         ``router_tls``: the router's listener is TLS (router_args has --tls-cert), so workers reach
         its embedded store over grpcs://; ``worker_credentials``: for calling workers directly
-        (``Service.stats``) when they require TLS. The router serves HTTP on a free port
+        (``Service.stats``) when they require TLS; ``worker_key``: the same when they require a worker
+        key (worker_args has --worker-keys-file). The router serves HTTP on a free port
         (``router.http_url``) unless router_args says otherwise.
         """
         self.model_dir = model_dir
         self.worker_args = list(worker_args)
         self.worker_credentials = worker_credentials
+        self.worker_key = worker_key
         if control_plane is not None:
             router_args = ["--control-plane", control_plane, *router_args]
         if "--http-port" not in router_args:
@@ -125,7 +131,7 @@ class Cluster:
             args = ["--model", str(self.model_dir), "--port", "0", "--metrics-port", "0", "--worker-id", worker_id,
                     "--control-plane", self.control_plane, "--drain-seconds", "5", *self.worker_args, *extra,
                     *(own[0] if own else ())]
-            started.append(Service(role, args, self.env, self.worker_credentials))
+            started.append(Service(role, args, self.env, self.worker_credentials, self.worker_key))
         for service in started:
             service.wait_ready()
         self.workers += started

@@ -3,7 +3,8 @@
 One cluster for the module, with everything on: the router serves gRPC and HTTP over TLS
 with a certificate this test makes (its own CA), dials the workers over mutual TLS, the
 decode worker reaches the prefill worker the same way, the workers register with the
-router's embedded store over TLS with a key, and both APIs require API keys.
+router's embedded store over TLS with a worker key (no client key opens it), and both APIs
+require API keys.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from splitserve.v1 import worker_pb2_grpc
 pytestmark = [pytest.mark.slow]
 
 KEY, OTHER_KEY, WORKER_KEY, ROTATED_KEY = "sk-test-alpha-1c6f", "sk-test-beta-90ad", "sk-test-worker-77e2", "sk-test-rotated-5b31"
+OTHER_CLIENT_KEY = "sk-test-gamma-4e02"  # a second valid client key
 PROMPT = "A prompt long enough to fill a couple of KV blocks on the prefill worker, " * 2
 
 
@@ -114,22 +116,23 @@ def pki(tmp_path_factory) -> Pki:
 @pytest.fixture(scope="module")
 def keys_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("auth") / "keys"
-    path.write_text(f"# API keys, one per line\n{KEY}\n\n{WORKER_KEY}\n")
+    path.write_text(f"# API keys, one per line\n{KEY}\n\n{OTHER_CLIENT_KEY}\n")
     return path
 
 
 @pytest.fixture(scope="module")
 def cluster(e2e_model_dir, pki: Pki, keys_file: Path) -> Iterator[Cluster]:
-    worker_key = keys_file.parent / "worker-key"
-    worker_key.write_text(f"{WORKER_KEY}\n")
+    worker_keys = keys_file.parent / "worker-keys"
+    worker_keys.write_text(f"{WORKER_KEY}\n")
     tls = ["--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key), "--tls-ca", str(pki.ca)]
     client_creds = grpc.ssl_channel_credentials(pki.ca.read_bytes(), *pki.client.pair())
     cluster = Cluster(
         e2e_model_dir,
-        [*tls, "--api-keys-file", str(keys_file)],
-        [*tls, "--control-plane-api-key-file", str(worker_key), "--num-blocks", "128"],
+        [*tls, "--api-keys-file", str(keys_file), "--worker-keys-file", str(worker_keys)],
+        [*tls, "--worker-keys-file", str(worker_keys), "--num-blocks", "128"],
         router_tls=True,
         worker_credentials=client_creds,
+        worker_key=WORKER_KEY,
     )
     try:
         cluster.add_workers(("prefill", "prefill-tls"), ("decode", "decode-tls"))
@@ -252,7 +255,37 @@ def test_workers_require_a_client_certificate_their_ca_signed(cluster, pki):
         with pytest.raises(grpc.RpcError):
             worker_pb2_grpc.PrefillWorkerStub(channel).GetStats(worker_pb.StatsRequest(), timeout=10)
     with grpc.secure_channel(prefill.address, grpc.ssl_channel_credentials(ca, *pki.client.pair())) as channel:
-        assert worker_pb2_grpc.PrefillWorkerStub(channel).GetStats(worker_pb.StatsRequest(), timeout=10).worker_id == "prefill-tls"
+        stub = worker_pb2_grpc.PrefillWorkerStub(channel)
+        # A certificate the CA signed gets through TLS; the call still needs the worker key, never a client's.
+        for key in (None, KEY):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.GetStats(worker_pb.StatsRequest(), timeout=10, metadata=_auth(key))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.GetStats(worker_pb.StatsRequest(), timeout=10, metadata=_auth(WORKER_KEY)).worker_id == "prefill-tls"
+
+
+def _auth(key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
+def test_a_client_key_is_refused_on_the_control_plane_over_tls(cluster, pki):
+    info = controlplane_pb2.WorkerInfo(worker_id="fake-prefill", role="prefill", address="127.0.0.1:1", block_size=16, tp_size=1)
+    calls = {
+        "Register": controlplane_pb2.RegisterRequest(info=info, ttl_seconds=30),
+        "Deregister": controlplane_pb2.DeregisterRequest(worker_id="decode-tls"),
+        "LiveWorkers": controlplane_pb2.LiveWorkersRequest(),
+    }
+    with grpc.secure_channel(cluster.address, grpc.ssl_channel_credentials(pki.ca.read_bytes())) as channel:
+        stub = controlplane_pb2_grpc.ControlPlaneStub(channel)
+        for name, request in calls.items():
+            for key in (KEY, OTHER_CLIENT_KEY):
+                with pytest.raises(grpc.RpcError) as e:
+                    getattr(stub, name)(request, metadata=_auth(key), timeout=10)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "worker key" in e.value.details(), name
+        live = stub.LiveWorkers(controlplane_pb2.LiveWorkersRequest(), metadata=_auth(WORKER_KEY), timeout=10)
+        assert sorted(w.info.worker_id for w in live.workers) == ["decode-tls", "prefill-tls"]
+    # Nothing was deregistered: requests are still served.
+    assert Client(cluster.address, root_certificates=pki.ca, api_key=KEY).complete(PROMPT, max_tokens=2, timeout=120).completion_tokens == 2
 
 
 def test_a_rotated_keys_file_takes_effect_without_a_restart(cluster, pki, keys_file):

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from splitserve.services.router.auth import MISSING_KEY, WRONG_KEY, ApiKeys, bearer
 from splitserve.services.router.generation import GenerateError, GenerationService
+from splitserve.services.router.openai.body_limit import BodyLimit
 from splitserve.services.router.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -108,7 +109,8 @@ class OpenAIRoutes:
         body = await request.body()
         req = self._invalid_counted(lambda: parse(ChatCompletionRequest, body))
         self._check_model(req.model)
-        message = self._invalid_counted(lambda: chat_request(req, self.service.tokenizer))
+        settings = self.service.settings
+        message = self._invalid_counted(lambda: chat_request(req, self.service.tokenizer, settings.limits, settings.trust_request_chat_template))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         fmt = ChatFormatter(self.model, self.service.tokenizer, req.logprobs, include_usage)
         return await self._respond(request, message, fmt, req.stream, "messages")
@@ -199,6 +201,7 @@ def _error_response(e: OpenAIError) -> JSONResponse:
 def build_app(service: GenerationService, keys: ApiKeys | None, is_serving: Callable[[], bool]) -> FastAPI:
     routes = OpenAIRoutes(service, keys, is_serving)
     app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, max_bytes=service.settings.limits.max_request_bytes)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(routes.authenticate)])
     v1.add_api_route("/models", routes.list_models, methods=["GET"])
     v1.add_api_route("/models/{model:path}", routes.get_model, methods=["GET"])

@@ -36,7 +36,8 @@ class StreamOptions(BaseModel):
 class OpenAIRequest(BaseModel):
     """What completions and chat completions share."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # allow_inf_nan: JSON's 1e999 parses as inf, which no sampling field may take.
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, lt=2**32)

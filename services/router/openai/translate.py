@@ -11,10 +11,14 @@ from splitserve.services.router.openai.protocol import (
 )
 from transformers import PreTrainedTokenizerBase
 
+from splitserve.services.router.request_input import ModelLimits
 from splitserve.v1 import generation_pb2 as gen_pb
 
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty")
 OPENAI_DEFAULT_TEMPERATURE = 1.0
+# What a request may pass to the checkpoint's chat template. A template of the request's own
+# ("chat_template") runs in the router, so it is refused unless --trust-request-chat-template.
+CHAT_TEMPLATE_KWARGS = frozenset({"enable_thinking", "thinking", "reasoning_effort"})
 
 
 def _unsupported(param: str, message: str) -> OpenAIError:
@@ -76,8 +80,11 @@ def completion_request(req: CompletionRequest) -> gen_pb.GenerateRequest:
     return msg
 
 
-def chat_request(req: ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase) -> gen_pb.GenerateRequest:
+def chat_request(
+    req: ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase, limits: ModelLimits, trust_chat_template: bool = False
+) -> gen_pb.GenerateRequest:
     _check_common(req)
+    _check_chat_template_kwargs(req.chat_template_kwargs or {}, trust_chat_template)
     if req.tools and req.tool_choice != "none":
         raise _unsupported("tools", "tool calling is not supported")
     if req.response_format is not None and req.response_format.get("type", "text") != "text":
@@ -87,11 +94,20 @@ def chat_request(req: ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase)
     if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
         raise OpenAIError(400, "max_tokens and max_completion_tokens disagree: send one", param="max_completion_tokens")
     msg = _generate_request(req, req.max_completion_tokens or req.max_tokens, req.logprobs, req.top_logprobs or 0)
-    msg.token_ids.ids.extend(chat_prompt(req, tokenizer))
+    msg.token_ids.ids.extend(chat_prompt(req, tokenizer, limits))
     return msg
 
 
-def chat_prompt(req: ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def _check_chat_template_kwargs(kwargs: dict[str, Any], trust_chat_template: bool) -> None:
+    allowed = CHAT_TEMPLATE_KWARGS | ({"chat_template"} if trust_chat_template else set())
+    refused = sorted(set(kwargs) - allowed)
+    if "chat_template" in refused:
+        raise _unsupported("chat_template_kwargs.chat_template", "a request's own chat template is not accepted by this server (--trust-request-chat-template)")
+    if refused:
+        raise _unsupported(f"chat_template_kwargs.{refused[0]}", f"is not accepted; allowed: {', '.join(sorted(allowed))}")
+
+
+def chat_prompt(req: ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase, limits: ModelLimits) -> list[int]:
     """The prompt's token ids through the checkpoint's own chat template."""
     if not getattr(tokenizer, "chat_template", None):
         raise OpenAIError(
@@ -113,5 +129,7 @@ def chat_prompt(req: ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase) 
         )
     except Exception as e:  # noqa: BLE001 -- the template's own checks (roles must alternate, ...) or its Jinja errors
         raise OpenAIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
+    if len(text) > limits.max_prompt_chars:  # checked before tokenizing, as for a text prompt
+        raise OpenAIError(400, f"messages: the prompt has {len(text)} characters, more than the context length can hold", param="messages")
     # The template writes the special tokens (BOS included): the tokenizer must not add them again.
     return tokenizer.encode(text, add_special_tokens=False)
