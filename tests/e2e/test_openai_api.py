@@ -30,6 +30,8 @@ pytestmark = [pytest.mark.slow]
 LISTENING = re.compile(r"splitserve router listening on (\S+) .*OpenAI-compatible HTTP API at (\S+?)[;)]")
 WORKER_READY = re.compile(r"\[(prefill|decode)\] ready at (\S+)")
 PROMPT = "The quick brown fox jumps over the lazy dog, and then it"
+WORKER_KEY = "wk-openai-test-5d1e"  # `up`'s workers take calls with it only (docs/security.md)
+STATS_AUTH = (("authorization", f"Bearer {WORKER_KEY}"),)
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
 
 
@@ -45,7 +47,7 @@ class Stack:
         for role, address in self.workers.items():
             with grpc.insecure_channel(address) as channel:
                 stub = (worker_pb2_grpc.PrefillWorkerStub if role == "prefill" else worker_pb2_grpc.DecodeWorkerStub)(channel)
-                s = stub.GetStats(worker_pb.StatsRequest(), timeout=10)
+                s = stub.GetStats(worker_pb.StatsRequest(), timeout=10, metadata=STATS_AUTH)
             if s.num_running or s.num_waiting or s.num_pinned_blocks or s.num_free_blocks != s.num_total_blocks:
                 return False
         return True
@@ -58,9 +60,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def stack(e2e_model_dir: Path) -> Iterator[Stack]:
+def stack(e2e_model_dir: Path, tmp_path_factory) -> Iterator[Stack]:
+    worker_keys = tmp_path_factory.mktemp("worker-keys") / "keys"
+    worker_keys.write_text(WORKER_KEY + "\n")
     cmd = [sys.executable, "-m", "splitserve.cli", "up", "--model", str(e2e_model_dir),
-           "--port", str(_free_port()), "--http-port", str(_free_port())]
+           "--port", str(_free_port()), "--http-port", str(_free_port()), "--worker-keys-file", str(worker_keys)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "NIXL_LOG_LEVEL": "WARN"})
     lines: list[str] = []
@@ -242,7 +246,7 @@ def test_wrong_method_and_path_and_timeout(stack):
 def test_a_client_that_leaves_frees_its_request_on_the_workers(stack):
     def decode_stats():
         with grpc.insecure_channel(stack.workers["decode"]) as channel:
-            return worker_pb2_grpc.DecodeWorkerStub(channel).GetStats(worker_pb.StatsRequest(), timeout=10)
+            return worker_pb2_grpc.DecodeWorkerStub(channel).GetStats(worker_pb.StatsRequest(), timeout=10, metadata=STATS_AUTH)
 
     finished = decode_stats().num_requests_finished
     body = {"prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
