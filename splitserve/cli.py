@@ -4,35 +4,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from splitserve.cli_errors import (
+    OneLineParser, fraction, non_negative_float, non_negative_int, port_number, port_or_off, positive_float, positive_int, user_error_message,
+)
 
 DEMO_DIR = Path.home() / ".cache" / "splitserve" / "demo-llama-tiny"
 
 
 def _add_listen(p: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
-    p.add_argument("--port", type=int, default=port, help="gRPC port (0: any free port)")
-    p.add_argument("--metrics-port", type=int, default=metrics_port, help="Prometheus /metrics port (-1: off)")
-    p.add_argument("--drain-seconds", type=float, default=30.0, help="grace period for in-flight requests on SIGTERM")
+    p.add_argument("--port", type=port_number, default=port, help="gRPC port (0: any free port)")
+    p.add_argument("--metrics-port", type=port_or_off, default=metrics_port, help="Prometheus /metrics port (0: any free port, -1: off)")
+    p.add_argument("--drain-seconds", type=non_negative_float, default=30.0, help="grace period for in-flight requests on SIGTERM")
 
 
 def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="local Hugging Face checkpoint directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache budget (default: 256 on CPU; on CUDA --gpu-memory-utilization of what the weights leave)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--num-blocks", type=int, default=None, help="fixed number of KV blocks (overrides the budget)")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-waiting", type=int, default=1024,
+    p.add_argument("--block-size", type=positive_int, default=16)
+    p.add_argument("--kv-cache-mb", type=positive_int, default=None, help="KV cache budget (default: 256 on CPU; on CUDA --gpu-memory-utilization of what the weights leave)")
+    p.add_argument("--gpu-memory-utilization", type=fraction, default=0.9)
+    p.add_argument("--num-blocks", type=positive_int, default=None, help="fixed number of KV blocks (overrides the budget)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
+    p.add_argument("--max-waiting", type=non_negative_int, default=1024,
                    help="requests that may wait beyond --max-num-seqs; past that new ones are refused (RESOURCE_EXHAUSTED)")
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-model-len", type=positive_int, default=None)
     p.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
                    help="schedule step N+1 while the GPU runs step N; auto: on, on a GPU")
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--tp-size", type=int, default=1,
+    p.add_argument("--tp-size", type=positive_int, default=1,
                    help="tensor-parallel size: one process per rank, on --device and the next GPUs (gloo on CPU); the KV pool of any TP size can exchange KV with this one")
 
 
@@ -42,8 +47,8 @@ def _add_worker(p: argparse.ArgumentParser, port: int, metrics_port: int) -> Non
     p.add_argument("--worker-id", default=None, help="stable id of this worker (default: role-host-port)")
     p.add_argument("--advertise-address", default=None, help="host:port the router and peers reach this worker at")
     p.add_argument("--control-plane", required=True, help="redis://HOST:PORT/DB, or grpc://ROUTER:PORT for a router's embedded store")
-    p.add_argument("--lease-seconds", type=float, default=30.0)
-    p.add_argument("--transfer-timeout", type=float, default=10.0)
+    p.add_argument("--lease-seconds", type=positive_float, default=30.0)
+    p.add_argument("--transfer-timeout", type=positive_float, default=10.0)
     tls = p.add_argument_group("TLS (docs/security.md)")
     tls.add_argument("--tls-cert", type=Path, default=None, help="certificate (PEM) this worker serves with and presents to its peers")
     tls.add_argument("--tls-key", type=Path, default=None, help="its private key (PEM)")
@@ -72,7 +77,8 @@ def _add_router_security(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="splitserve", description="LLM serving with prefill and decode disaggregated")
+    parser = OneLineParser(prog="splitserve", description="LLM serving with prefill and decode disaggregated")
+    parser.add_argument("--version", action="version", version=f"splitserve {_version()}")
     logs = argparse.ArgumentParser(add_help=False)
     logs.add_argument("--log-level", default="WARNING")
     logs.add_argument("--log-format", default="text", choices=("text", "json"), help="json: one object per line, with the request id")
@@ -100,10 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = add_service("up", help="router + one prefill + one decode worker on this machine")
     up.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: a random-weight demo model)")
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=50051)
+    up.add_argument("--port", type=port_number, default=50051)
     up.add_argument("--device", default="cpu")
-    up.add_argument("--prefill-threshold", type=int, default=0, help="prompts shorter than this skip the prefill worker")
-    up.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API port (0: any free port, -1: off)")
+    up.add_argument("--prefill-threshold", type=non_negative_int, default=0, help="prompts shorter than this skip the prefill worker")
+    up.add_argument("--http-port", type=port_or_off, default=8000, help="OpenAI-compatible HTTP API port (0: any free port, -1: off)")
     up.add_argument("--api-keys-file", type=Path, default=None, help="accepted API keys, one per line (both APIs then need one)")
     up.add_argument("--worker-keys-file", type=Path, default=None,
                     help="the workers' credential towards the router and each other (default: a fresh key for this run; never a client key)")
@@ -117,13 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_listen(router, 50051, 9090)
     router.add_argument("--control-plane", default="embedded", help="redis://... to share state between routers; embedded: in-process")
     router.add_argument("--policy", default="prefix_aware", choices=("prefix_aware", "least_loaded", "round_robin"))
-    router.add_argument("--prefill-threshold", type=int, default=0, help="prompts shorter than this are prefilled on the decode worker")
-    router.add_argument("--block-size", type=int, default=16)
-    router.add_argument("--max-tokens-limit", type=int, default=4096)
-    router.add_argument("--default-max-tokens", type=int, default=256)
-    router.add_argument("--max-model-len", type=int, default=None)
-    router.add_argument("--max-inflight", type=int, default=1024, help="requests in flight before RESOURCE_EXHAUSTED")
-    router.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API port (0: any free port, -1: off)")
+    router.add_argument("--prefill-threshold", type=non_negative_int, default=0, help="prompts shorter than this are prefilled on the decode worker")
+    router.add_argument("--block-size", type=positive_int, default=16)
+    router.add_argument("--max-tokens-limit", type=positive_int, default=4096)
+    router.add_argument("--default-max-tokens", type=positive_int, default=256)
+    router.add_argument("--max-model-len", type=positive_int, default=None)
+    router.add_argument("--max-inflight", type=positive_int, default=1024, help="requests in flight before RESOURCE_EXHAUSTED")
+    router.add_argument("--http-port", type=port_or_off, default=8000, help="OpenAI-compatible HTTP API port (0: any free port, -1: off)")
     router.add_argument("--served-model-name", default=None, help="model name the APIs report and accept (default: the checkpoint folder's name)")
     _add_router_security(router)
 
@@ -133,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream a completion from a running router")
     gen.add_argument("prompt")
     gen.add_argument("--target", default="127.0.0.1:50051")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--max-tokens", type=positive_int, default=64)
+    gen.add_argument("--temperature", type=non_negative_float, default=0.0)
     gen.add_argument("--ignore-eos", action="store_true")
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
@@ -145,7 +151,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    try:
+        return version("splitserve")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command. A mistake the user can fix is one line on stderr and exit status 2;
+    Ctrl-C ends quietly with 130, as shells expect."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        message = user_error_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["planner"]:
         from splitserve.planner import run_planner
@@ -172,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             path = init_checkpoint(args.out_dir, args.arch, args.preset, dtype=args.dtype, seed=args.seed, device=args.device, overwrite=args.overwrite)
-        except (ValueError, FileExistsError) as e:
+        except FileExistsError:
+            print(f"error: {args.out_dir} is not empty; --overwrite replaces its checkpoint", file=sys.stderr)
+            return 2
+        except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"wrote a random-weight {args.arch} {args.preset} checkpoint to {path} (it produces meaningless text)")

@@ -19,10 +19,19 @@ from splitserve.cli import DEMO_DIR
 
 READY = re.compile(r"splitserve (\w+) listening on (\S+)")
 HTTP_URL = re.compile(r"OpenAI-compatible HTTP API at (\S+?)[;)]")
+METRICS_PORT = re.compile(r"\(metrics on :(\d+)\)")
+
+
+class ServiceStartError(Exception):
+    """A service refused to start over a mistake the user can fix (its one-line error, exit status 2)."""
 
 
 def _start(args: list[str], name: str, timeout: float = 300.0) -> tuple[subprocess.Popen, str, str]:
-    """Starts a service and waits for its ready line (returned with its address); later output is echoed with a prefix."""
+    """Starts a service and waits for its ready line (returned with its address); later output is echoed with a prefix.
+
+    A service that exits at once with its one-line error (a port in use, a bad checkpoint)
+    raises ServiceStartError with that line, which `up` prints once, on stderr.
+    """
     proc = subprocess.Popen(
         [sys.executable, "-m", "splitserve.cli", *args],
         stdout=subprocess.PIPE,
@@ -32,9 +41,13 @@ def _start(args: list[str], name: str, timeout: float = 300.0) -> tuple[subproce
     )
     ready = threading.Event()
     found: list[str] = []
+    errors: list[str] = []
 
     def pump() -> None:
         for line in proc.stdout:
+            if line.startswith("error: ") and not ready.is_set():
+                errors.append(line.removeprefix("error: ").strip())
+                continue
             match = READY.search(line)
             first_ready = match is not None and not ready.is_set()
             # the whole platform's ready line comes last, so ours is written before anyone is told
@@ -49,8 +62,22 @@ def _start(args: list[str], name: str, timeout: float = 300.0) -> tuple[subproce
     ready.wait(timeout)
     if not found:
         proc.kill()
-        raise RuntimeError(f"{name} did not start (exit code {proc.poll()})")
+        code = proc.wait()
+        if code == 2 and errors:
+            raise ServiceStartError(f"{name}: {errors[-1]}")
+        raise RuntimeError(f"{name} did not start (exit code {code})")
     return proc, found[0], found[1]
+
+
+def _endpoints(name: str, address: str, ready_line: str) -> str:
+    """One line naming what a process opened: gRPC, the HTTP API (router), Prometheus metrics."""
+    parts = [f"  {name:<8} gRPC {address}"]
+    if (http := HTTP_URL.search(ready_line)) is not None:
+        parts.append(f"HTTP {http.group(1)}")
+    if (metrics := METRICS_PORT.search(ready_line)) is not None:
+        # a metrics port picked at random is bound to loopback (services/grpc_server.py)
+        parts.append(f"metrics http://127.0.0.1:{metrics.group(1)}/metrics")
+    return "  ".join(parts)
 
 
 def demo_checkpoint() -> Path:
@@ -106,6 +133,9 @@ def run_up(args) -> int:
     if model is None:
         model = demo_checkpoint()
         print(f"no --model given: using a RANDOM-WEIGHT demo checkpoint at {model} (its text is meaningless)", flush=True)
+    from splitserve.models.arch import load_arch_config
+
+    load_arch_config(model)  # a missing or unsupported checkpoint: one line now, not three processes' failures
     procs: list[subprocess.Popen] = []
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -117,13 +147,16 @@ def run_up(args) -> int:
             "router",
         )
         procs.append(router)
+        endpoints = [_endpoints("router", address, ready_line)]
         common = ["--model", str(model), "--host", args.host, "--port", "0", "--metrics-port", "0",
                   "--device", args.device, "--control-plane", f"{scheme}://{address}", *worker_security]
         for role in ("prefill", "decode"):
-            proc, _, _ = _start([role, *common, "--worker-id", f"{role}-{os.getpid()}"], role)
+            proc, worker_address, worker_line = _start([role, *common, "--worker-id", f"{role}-{os.getpid()}"], role)
             procs.append(proc)
+            endpoints.append(_endpoints(role, worker_address, worker_line))
         router_http = HTTP_URL.search(ready_line)
         http = f"; OpenAI-compatible HTTP API at {router_http.group(1)}" if router_http else ""
+        print("endpoints:\n" + "\n".join(endpoints), flush=True)
         print(f"splitserve router listening on {address} (gRPC splitserve.v1.Generation{http}; prefill and decode ready). Ctrl-C stops it.", flush=True)
         while not stop.is_set() and all(p.poll() is None for p in procs):
             stop.wait(0.5)

@@ -27,7 +27,10 @@ class HttpServer:
 
     def __init__(self, app: FastAPI, host: str, port: int, tls: TLSConfig | None, drain_seconds: float) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.socket = socket.create_server((host, port), family=family)
+        try:
+            self.socket = socket.create_server((host, port), family=family)
+        except OSError as e:  # the CLI turns a bind error that names its address into one line
+            raise OSError(e.errno, e.strerror, f"{host}:{port} (the HTTP API)") from None
         self.port = self.socket.getsockname()[1]
         self.scheme = "https" if tls is not None and tls.cert is not None else "http"
         config = uvicorn.Config(
