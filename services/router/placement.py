@@ -118,7 +118,7 @@ class PlacementPolicy:
         ttft, longest, done = 0.0, 0.0, 0
         while done < queued:
             n = min(chunk, queued - done)
-            step = self.decode_model.step_ms(rows + n, rows + 1, context + done + n, causal_pairs(n, done) + context)
+            step = self.decode_model.step_ms(rows + n, rows + 1, context + done + n, causal_pairs(n, done))
             ttft += step
             longest = max(longest, step)
             done += n

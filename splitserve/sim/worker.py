@@ -137,7 +137,7 @@ class SimWorker:
             return None
         num_tokens = sum(n for _, n in planned)
         kv_read = sum(j.num_computed + n for j, n in planned)
-        pairs = sum(causal_pairs(n, j.num_computed) for j, n in planned)
+        pairs = sum(causal_pairs(n, j.num_computed) for j, n in planned if n > 1)  # decode rows: KV read only
         duration = self.model.step_ms(num_tokens, len(planned), kv_read, pairs) / 1e3
         sampled, finished = [], []
         for job, n in planned:
