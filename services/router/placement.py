@@ -11,11 +11,12 @@ profile's step model (``splitserve.profile``):
           what its budget leaves beside the running rows; every one of those steps carries
           the running batch, so each running request's inter-token gap is that step.
 
-Each estimate is set against the SLOs (TTFT, and ITL: the longest gap a running request may
-see); the headroom of a choice is the smaller of 1 - estimate/SLO over the two, and the
-choice with more headroom wins (ties: remote, which keeps decode steps short). The reason
-names what decided: ``no_prefill_worker``, ``ttft`` or ``itl`` (the metric whose headroom
-was smaller for the choice that lost) — counted per choice in the router's metrics.
+Each estimate is set against the SLOs (TTFT, and ITL: the longest gap a running request
+may see, this one included); a choice's headroom on a metric is 1 - estimate/SLO. The
+choice whose smaller headroom is larger wins; equal smaller headrooms go to the larger
+other one, and a full tie to remote (it keeps decode steps short). The reason names the
+metric that decided (``ttft`` or ``itl``: where the loser's headroom fell short), or
+``no_prefill_worker``; decisions are counted by choice and reason.
 
 Pure and synchronous, like ``routing.py``: the simulator runs the same code on its
 simulated workers' load.
@@ -56,10 +57,9 @@ class Estimate:
     ttft_ms: float
     itl_ms: float  # the longest gap the decode worker's running requests (or this one) would see
 
-    def headroom(self, slo: PlacementSLO) -> tuple[float, str]:
-        """(min headroom, the metric it comes from)."""
-        ttft, itl = 1 - self.ttft_ms / slo.ttft_ms, 1 - self.itl_ms / slo.itl_ms
-        return (ttft, "ttft") if ttft <= itl else (itl, "itl")
+    def headroom(self, slo: PlacementSLO) -> list[tuple[float, str]]:
+        """[(headroom, metric)], the smaller first."""
+        return sorted([(1 - self.ttft_ms / slo.ttft_ms, "ttft"), (1 - self.itl_ms / slo.itl_ms, "itl")])
 
 
 @dataclass(frozen=True)
@@ -122,15 +122,24 @@ class PlacementPolicy:
             ttft += step
             longest = max(longest, step)
             done += n
-        return Estimate(ttft, longest)
+        # This request's own gaps after its first token: decode steps beside the others.
+        own = self.decode_model.step_ms(rows + 1, rows + 1, context + queued, 0)
+        return Estimate(ttft, max(longest, own) if rows else own)
 
     def decide(self, state: PlacementState) -> Placement:
         local = self.estimate_local(state)
         if state.prefill is None:
             return Placement("local", "no_prefill_worker", None, local)
         remote = self.estimate_remote(state)
-        remote_room, remote_metric = remote.headroom(self.slo)
-        local_room, local_metric = local.headroom(self.slo)
-        if local_room > remote_room:
-            return Placement("local", remote_metric, remote, local)
-        return Placement("remote", local_metric, remote, local)
+        remote_room, local_room = remote.headroom(self.slo), local.headroom(self.slo)
+        if [h for h, _ in local_room] > [h for h, _ in remote_room]:
+            return Placement("local", _deciding(remote_room, local_room), remote, local)
+        return Placement("remote", _deciding(local_room, remote_room), remote, local)
+
+
+def _deciding(loser: list[tuple[float, str]], winner: list[tuple[float, str]]) -> str:
+    """The metric on which the losing choice fell short: its smaller headroom's, unless that
+    tied the winner's smaller one and the second decided."""
+    if loser[0][0] < winner[0][0]:
+        return loser[0][1]
+    return loser[1][1]
