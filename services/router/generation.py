@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import Counter
 from transformers import PreTrainedTokenizerBase
 
 from splitserve.engine.errors import InvalidRequestError
@@ -79,6 +80,10 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.series = metrics.frontend_series(settings.model_name)
         self._ttft, self._itl = self.series.ttft, self.series.itl  # observed per token
         self.num_inflight = 0
+        self._merged_steps = Counter(
+            "splitserve_router_merged_steps", "Engine steps of a request sent to its client in one message with an earlier "
+            "step, because the client (or the router) fell behind", ["role"], registry=metrics.registry,
+        ).labels("router")
 
     async def GetModelInfo(self, request, context) -> gen_pb.ModelInfo:
         s = self.settings
@@ -237,6 +242,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     self._itl.observe(now - last)
                 last = now
                 tokens = [t for update in batch for t in update.tokens]
+                if len(tokens) > 1:  # one token per engine step: a client that keeps up gets one at a time
+                    self._merged_steps.inc(len(tokens) - 1)
                 progress.num_cached = max(progress.num_cached, *(u.num_cached_tokens for u in batch))
                 # A stop string may end the output inside the batch; the tokens after it are not part of it.
                 delta = self._delta(detok, tokens, with_logprobs)

@@ -192,8 +192,8 @@ def test_models_and_health(stack, client):
 def test_the_openai_client_raises_typed_errors(stack, client):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=2)
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        client.chat.completions.create(model=stack.model, messages=MESSAGES, max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(model=stack.model, prompt=PROMPT, max_tokens=2, best_of=2)
 
 
 MALFORMED = [
@@ -202,22 +202,27 @@ MALFORMED = [
     ("completions", b"[1, 2]", 400, None, "JSON object"),
     ("completions", b'{"model": "MODEL"}', 400, "prompt", "Field required"),
     ("completions", b'{"prompt": "hi", "max_tokens": "ten"}', 400, "max_tokens", "valid integer"),
-    ("completions", b'{"prompt": "hi", "max_tokens": 0}', 400, "max_tokens", "greater than or equal to 1"),
+    ("completions", b'{"prompt": "hi", "max_tokens": 0}', 400, "max_tokens", "only allowed with echo"),
+    ("completions", b'{"prompt": "hi", "max_tokens": -1}', 400, "max_tokens", "greater than or equal to 0"),
     ("completions", b'{"prompt": "hi", "temperature": "hot"}', 400, "temperature", "valid number"),
     ("completions", b'{"prompt": "hi", "temperature": -1}', 400, "temperature", ">= 0"),
     ("completions", b'{"prompt": "hi", "top_p": 1.5}', 400, "top_p", "(0, 1]"),
-    ("completions", b'{"prompt": "hi", "n": 3}', 400, "n", "only n=1"),
-    ("completions", b'{"prompt": "hi", "echo": true}', 400, "echo", "not supported"),
-    ("completions", b'{"prompt": "hi", "max_tokens": 100000}', 400, "max_tokens", "over the limit"),
+    ("completions", b'{"prompt": "hi", "n": 0}', 400, "n", "must be in [1, 128]"),
+    ("completions", b'{"prompt": ["a", "b"], "n": 100}', 400, "n", "must be in [1, 64]"),
+    ("completions", b'{"prompt": "hi", "best_of": 3}', 400, "best_of", "not supported"),
+    ("completions", b'{"prompt": "hi", "echo": true, "logprobs": 1}', 400, "echo", "prompt logprobs"),
+    ("completions", b'{"prompt": "hi", "prompt_logprobs": 1}', 400, "prompt_logprobs", "prompt logprobs"),
+    ("completions", b'{"prompt": "hi", "max_tokens": 100000}', 400, "max_tokens", "context length"),
     ("completions", b'{"prompt": "", "max_tokens": 4}', 400, "prompt", "empty"),
     ("completions", b'{"prompt": [1, 99999999], "max_tokens": 4}', 400, "prompt", "outside the vocabulary"),
-    ("completions", b'{"prompt": ["a", "b"]}', 400, "prompt", "one prompt per request"),
+    ("completions", b'{"prompt": ["a", ""]}', 400, "prompt.1", "empty"),
     ("completions", b'{"prompt": "hi", "model": "no-such-model"}', 404, "model", "does not exist"),
     ("chat/completions", b'{"model": "MODEL"}', 400, "messages", "Field required"),
     ("chat/completions", b'{"messages": []}', 400, "messages", "at least 1"),
     ("chat/completions", b'{"messages": "hello"}', 400, "messages", "valid array"),
     ("chat/completions", b'{"messages": [{"content": "hi"}]}', 400, "messages.0.role", "Field required"),
-    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n", "only n=1"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": 200}', 400, "n", "must be in"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', 400, "max_tokens", "context length"),
     ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}', 400, "top_logprobs", "logprobs"),
     ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": true}}', 400,
      "stream_options", "stream is true"),
@@ -267,6 +272,87 @@ def test_still_serves_after_the_bad_requests(stack, client):
     out = client.chat.completions.create(model=stack.model, messages=MESSAGES, max_tokens=4, temperature=0,
                                          extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "length"
+
+
+def test_n_and_a_batch_of_prompts(stack, client, tokenizer):
+    prompts = [PROMPT, "Once upon a time"]
+    out = client.completions.create(model=stack.model, prompt=prompts, n=2, max_tokens=6, temperature=1.0, seed=7,
+                                    extra_body={"ignore_eos": True})
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]  # prompt * n + sample, as vLLM numbers them
+    assert all(c.finish_reason == "length" for c in out.choices)
+    # Prompt tokens once per prompt, completion tokens of every choice.
+    assert out.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+    assert out.usage.completion_tokens == 4 * 6
+    again = client.completions.create(model=stack.model, prompt=prompts, n=2, max_tokens=6, temperature=1.0, seed=7,
+                                      extra_body={"ignore_eos": True})
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]  # seeded: reproducible
+    assert out.choices[0].text != out.choices[1].text  # the n samples of one prompt are seeded apart
+    # Streamed, the choices interleave; each ends with its own finish, and usage comes once at the end.
+    texts, finished, usage = {}, set(), None
+    for chunk in client.completions.create(model=stack.model, prompt=prompts, n=2, max_tokens=6, temperature=1.0, seed=7,
+                                           stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+        if not chunk.choices:
+            usage = chunk.usage
+            continue
+        choice = chunk.choices[0]
+        texts[choice.index] = texts.get(choice.index, "") + choice.text
+        if choice.finish_reason:
+            finished.add(choice.index)
+    assert finished == {0, 1, 2, 3} and [texts[i] for i in range(4)] == [c.text for c in out.choices]
+    assert usage.completion_tokens == 24 and usage.prompt_tokens == out.usage.prompt_tokens
+    chat = client.chat.completions.create(model=stack.model, messages=MESSAGES, n=3, max_tokens=3, extra_body={"ignore_eos": True})
+    assert [c.index for c in chat.choices] == [0, 1, 2] and chat.usage.completion_tokens == 9
+
+
+def test_echo(stack, client, tokenizer):
+    out = client.completions.create(model=stack.model, prompt=PROMPT, echo=True, max_tokens=4, temperature=0)
+    plain = client.completions.create(model=stack.model, prompt=PROMPT, max_tokens=4, temperature=0)
+    assert out.choices[0].text == PROMPT + plain.choices[0].text
+    only = client.completions.create(model=stack.model, prompt=[PROMPT, "two"], echo=True, max_tokens=0)
+    assert [c.text for c in only.choices] == [PROMPT, "two"] and only.usage.completion_tokens == 0
+    ids = tokenizer.encode(PROMPT)
+    echoed = client.completions.create(model=stack.model, prompt=ids, echo=True, max_tokens=0)
+    assert echoed.choices[0].text == tokenizer.decode(ids)  # token prompts echo as their text
+
+
+def test_context_overflow_is_a_400_with_the_numbers(stack, client, tokenizer):
+    max_model_len = httpx.get(f"{stack.base_url}/models").json()["data"][0]["max_model_len"]
+    ids = tokenizer.encode(PROMPT)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=stack.model, prompt=ids, max_tokens=max_model_len)
+    message = e.value.body["message"]
+    assert all(str(n) in message for n in (max_model_len, len(ids), max_model_len + len(ids))), message
+    assert e.value.body["code"] == "context_length_exceeded"
+    long_prompt = (ids * max_model_len)[: max_model_len - 3]
+    room = client.completions.create(model=stack.model, prompt=long_prompt, max_tokens=3, extra_body={"ignore_eos": True})
+    assert room.usage.completion_tokens == 3  # exactly the context: taken
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        client.completions.create(model=stack.model, prompt=long_prompt, max_tokens=4)
+
+
+def test_tokenize_detokenize_version_metrics(stack, tokenizer):
+    base = stack.base_url.removesuffix("/v1")
+    r = httpx.post(f"{base}/tokenize", json={"prompt": PROMPT}).json()
+    assert r["tokens"] == tokenizer.encode(PROMPT) and r["count"] == len(r["tokens"]) and r["max_model_len"] > 0
+    chat = httpx.post(f"{base}/tokenize", json={"messages": MESSAGES}).json()
+    assert chat["tokens"] == chat_prompt_ids(tokenizer, MESSAGES)
+    assert httpx.post(f"{base}/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == tokenizer.decode(r["tokens"])
+    bad = httpx.post(f"{base}/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert httpx.get(f"{base}/version").json()["version"]
+    metrics = httpx.get(f"{base}/metrics")
+    assert metrics.status_code == 200 and "splitserve_router_merged_steps_total" in metrics.text
+
+
+def test_chat_default_max_tokens_is_the_rest_of_the_context(stack, client, tokenizer):
+    max_model_len = httpx.get(f"{stack.base_url}/models").json()["data"][0]["max_model_len"]
+    filler = " ".join(["word"] * max_model_len)
+    content = tokenizer.decode(tokenizer.encode(filler, add_special_tokens=False)[: max_model_len - 40])
+    messages = [{"role": "user", "content": content}]
+    num_prompt = len(chat_prompt_ids(tokenizer, messages))
+    out = client.chat.completions.create(model=stack.model, messages=messages, extra_body={"ignore_eos": True})
+    assert out.usage.prompt_tokens == num_prompt
+    assert out.usage.completion_tokens == max_model_len - num_prompt and out.choices[0].finish_reason == "length"
 
 
 # In process: refusals that need a router configured just so (nothing reaches a worker in any).

@@ -6,11 +6,9 @@ Requests become the GenerateRequest the gRPC API takes and go down the same path
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -26,11 +24,10 @@ from splitserve.services.router.openai.protocol import (
     OpenAIError,
     parse,
 )
-from splitserve.services.router.openai.responses import (
-    ChatFormatter,
-    CompletionFormatter,
-    Formatter,
-)
+from splitserve.services.router.openai.choices import Choice, open_stream, whole
+from splitserve.services.router.openai.prompts import output_budget, prompt_token_ids
+from splitserve.services.router.openai.responses import ChatFormatter, CompletionFormatter, Formatter, sse
+from splitserve.services.router.openai.tokens import TokenRoutes
 from splitserve.services.router.openai.translate import chat_request, completion_request
 from starlette.exceptions import HTTPException
 
@@ -56,10 +53,6 @@ def from_generate_error(e: GenerateError, prompt_param: str) -> OpenAIError:
     return OpenAIError(status, e.message, type_, param, code)
 
 
-def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
 class OpenAIRoutes:
     """The handlers, bound to the router's GenerationService."""
 
@@ -69,6 +62,7 @@ class OpenAIRoutes:
         self.is_serving = is_serving
         self.metrics = service.metrics
         self.model = service.settings.model_name
+        self.limits = service.settings.limits
         self.started = int(time.time())
 
     async def authenticate(self, request: Request) -> None:
@@ -86,8 +80,14 @@ class OpenAIRoutes:
         return JSONResponse({"status": "draining"}, status_code=503)
 
     def _model_card(self) -> dict[str, Any]:
-        max_model_len = self.service.settings.limits.max_model_len
-        return {"id": self.model, "object": "model", "created": self.started, "owned_by": "splitserve", "root": self.model, "max_model_len": max_model_len}
+        s = self.service.settings
+        # max_model_len as vLLM reports it; the vocabulary, EOS ids and output cap are splitserve's
+        # additions, so a benchmark can draw random prompts without a tokenizer of its own.
+        return {
+            "id": self.model, "object": "model", "created": self.started, "owned_by": "splitserve", "root": self.model,
+            "max_model_len": s.limits.max_model_len, "vocab_size": s.limits.vocab_size,
+            "eos_token_ids": list(s.eos_token_ids), "max_tokens_limit": s.limits.max_tokens_limit,
+        }
 
     async def list_models(self) -> dict[str, Any]:
         return {"object": "list", "data": [self._model_card()]}
@@ -100,10 +100,21 @@ class OpenAIRoutes:
         body = await request.body()
         req = self._invalid_counted(lambda: parse(CompletionRequest, body))
         self._check_model(req.model)
-        message = self._invalid_counted(lambda: completion_request(req))
+        prompts, message = self._invalid_counted(lambda: completion_request(req))
+        choices, num_prompt_tokens = [], 0
+        for i, prompt in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            ids = await self._counted(prompt_token_ids(prompt, self.service.tokenizer, self.limits, param))
+            num_prompt_tokens += len(ids)
+            echo = (prompt if isinstance(prompt, str) else self.service.tokenizer.decode(ids)) if req.echo else ""
+            one = gen_pb.GenerateRequest()
+            one.CopyFrom(message)
+            one.token_ids.ids.extend(ids)
+            one.max_tokens = self._invalid_counted(lambda: output_budget(req.max_tokens, len(ids), self.limits)) if req.max_tokens != 0 else 0
+            choices += [Choice(m, echo, len(ids), one.max_tokens > 0) for m in _samples(one, req.n)]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         fmt = CompletionFormatter(self.model, self.service.tokenizer, req.logprobs is not None, include_usage)
-        return await self._respond(request, message, fmt, req.stream, "prompt")
+        return await self._respond(request, choices, fmt, req.stream, num_prompt_tokens, "prompt")
 
     async def chat_completions(self, request: Request) -> Response:
         body = await request.body()
@@ -111,9 +122,21 @@ class OpenAIRoutes:
         self._check_model(req.model)
         settings = self.service.settings
         message = self._invalid_counted(lambda: chat_request(req, self.service.tokenizer, settings.limits, settings.trust_request_chat_template))
+        num_prompt_tokens = len(message.token_ids.ids)
+        requested = req.max_completion_tokens or req.max_tokens
+        param = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
+        message.max_tokens = self._invalid_counted(lambda: output_budget(requested, num_prompt_tokens, self.limits, param))
+        choices = [Choice(m, num_prompt_tokens=num_prompt_tokens) for m in _samples(message, req.n)]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         fmt = ChatFormatter(self.model, self.service.tokenizer, req.logprobs, include_usage)
-        return await self._respond(request, message, fmt, req.stream, "messages")
+        return await self._respond(request, choices, fmt, req.stream, num_prompt_tokens, "messages")
+
+    async def _counted(self, work):
+        try:
+            return await work
+        except OpenAIError:
+            self.metrics.error("invalid_argument")
+            raise
 
     def _invalid_counted(self, build: Callable[[], Any]) -> Any:
         try:
@@ -127,51 +150,32 @@ class OpenAIRoutes:
             self.metrics.error("model_not_found")
             raise OpenAIError(404, f"the model {model!r} does not exist; this server serves {self.model!r}", param="model", code="model_not_found")
 
-    async def _respond(self, request: Request, message: gen_pb.GenerateRequest, fmt: Formatter, stream: bool, prompt_param: str) -> Response:
-        if stream:
-            return await self._stream(message, fmt, prompt_param)
-        return await _unless_disconnected(request, self._whole(message, fmt, prompt_param))
-
-    async def _whole(self, message: gen_pb.GenerateRequest, fmt: Formatter, prompt_param: str) -> Response:
-        text, tokens, final = [], [], None
+    async def _respond(self, request: Request, choices: list[Choice], fmt: Formatter, stream: bool, prompt_tokens: int, prompt_param: str) -> Response:
         try:
-            async with contextlib.aclosing(self.service.generate(message)) as stream:
-                async for m in stream:
-                    if m.HasField("delta"):
-                        text.append(m.delta.text)
-                        tokens.extend(m.delta.logprobs)
-                    else:
-                        final = m.final
-        except GenerateError as e:
+            if stream:
+                events = await open_stream(self.service, choices, fmt, prompt_tokens, lambda e: sse(from_generate_error(e, prompt_param).body()))
+                return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return await _unless_disconnected(request, self._whole(choices, fmt, prompt_tokens))
+        except GenerateError as e:  # refused before the first token: its own status
             raise from_generate_error(e, prompt_param) from None
-        return JSONResponse(fmt.whole("".join(text), tokens, final))
 
-    async def _stream(self, message: gen_pb.GenerateRequest, fmt: Formatter, prompt_param: str) -> Response:
-        stream = self.service.generate(message)
-        try:
-            first = await anext(stream)  # refusals before the first token still get their own status
-        except GenerateError as e:
-            raise from_generate_error(e, prompt_param) from None
-        events = self._events(first, stream, fmt, prompt_param)
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    async def _whole(self, choices: list[Choice], fmt: Formatter, prompt_tokens: int) -> Response:
+        return JSONResponse(await whole(self.service, choices, fmt, prompt_tokens))
 
-    async def _events(self, first: gen_pb.GenerateResponse, stream: AsyncIterator, fmt: Formatter, prompt_param: str) -> AsyncIterator[str]:
-        async with contextlib.aclosing(stream):
-            if isinstance(fmt, ChatFormatter):
-                yield _sse(fmt.first_chunk())
-            message = first
-            try:
-                while message is not None:
-                    if message.HasField("delta"):
-                        if (chunk := fmt.chunk(message.delta)) is not None:
-                            yield _sse(chunk)
-                    else:
-                        for chunk in fmt.final_chunks(message.final):
-                            yield _sse(chunk)
-                    message = await anext(stream, None)
-            except GenerateError as e:  # headers are gone: the error travels as an event
-                yield _sse(from_generate_error(e, prompt_param).body())
-        yield "data: [DONE]\n\n"
+
+def _samples(message: gen_pb.GenerateRequest, n: int) -> list[gen_pb.GenerateRequest]:
+    """``n`` requests for one prompt; with a seed, sample i is seeded seed + i, so that the n
+    samples differ and the response is still reproducible."""
+    if n == 1:
+        return [message]
+    samples = []
+    for i in range(n):
+        sample = gen_pb.GenerateRequest()
+        sample.CopyFrom(message)
+        if message.sampling.HasField("seed"):
+            sample.sampling.seed = (message.sampling.seed + i) % 2**63
+        samples.append(sample)
+    return samples
 
 
 async def _unless_disconnected(request: Request, work) -> Response:
@@ -209,6 +213,11 @@ def build_app(service: GenerationService, keys: ApiKeys | None, is_serving: Call
     v1.add_api_route("/chat/completions", routes.chat_completions, methods=["POST"])
     app.include_router(v1)
     app.add_api_route("/health", routes.health, methods=["GET"])
+    tokens = TokenRoutes(service, routes._check_model)
+    app.add_api_route("/tokenize", tokens.tokenize, methods=["POST"], dependencies=[Depends(routes.authenticate)])
+    app.add_api_route("/detokenize", tokens.detokenize, methods=["POST"], dependencies=[Depends(routes.authenticate)])
+    app.add_api_route("/version", tokens.get_version, methods=["GET"])
+    app.add_api_route("/metrics", tokens.metrics, methods=["GET"])
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, e: OpenAIError) -> JSONResponse:

@@ -2,7 +2,7 @@
 
 Types are strict (``"max_tokens": "16"`` is refused, not coerced). Fields this server does not
 know are ignored, as vLLM does: SDKs send newer fields all the time. Fields it knows but
-cannot honour (n > 1, echo, logit_bias, tools, ...) are refused with a 400 that names them.
+cannot honour (best_of, logit_bias, prompt logprobs, tools, ...) are refused with a 400 that names them.
 Extensions over OpenAI's API, as vLLM and SGLang spell them: top_k, min_p,
 repetition_penalty, ignore_eos, stop_token_ids, skip_special_tokens; and timeout_seconds,
 a per-request deadline (504 when it passes).
@@ -64,9 +64,11 @@ class OpenAIRequest(BaseModel):
 
 class CompletionRequest(OpenAIRequest):
     prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
+    max_tokens: int | None = Field(16, ge=0, lt=2**32)  # OpenAI's and vLLM's default; 0: echo the prompt alone
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's extension
 
 
 class ContentPart(BaseModel):

@@ -1,9 +1,16 @@
-"""The router's Delta and Final messages -> OpenAI response bodies, whole or as stream chunks."""
+"""The router's Delta and Final messages -> OpenAI response bodies, whole or as SSE events.
+
+A response has one choice per prompt and sample (``n``), ``index = prompt * n + sample`` as
+vLLM numbers them. Streamed text chunks without logprobs, one per engine step per request, are
+the hot path: their JSON is a template filled with the one string that changes.
+"""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -11,16 +18,32 @@ from transformers import PreTrainedTokenizerBase
 from splitserve.v1 import generation_pb2 as gen_pb
 
 FINISH_REASONS = {gen_pb.FINISH_REASON_STOP: "stop", gen_pb.FINISH_REASON_LENGTH: "length", gen_pb.FINISH_REASON_ABORT: "abort"}
+DONE = "data: [DONE]\n\n"
 
 
-def usage(final: gen_pb.Final) -> dict[str, Any]:
-    u = final.usage
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def usage(finals: Sequence[gen_pb.Final], prompt_tokens: int | None = None) -> dict[str, Any]:
+    """Summed over choices; ``prompt_tokens``: counted once per prompt, not per sample."""
+    completion = sum(f.usage.completion_tokens for f in finals)
+    prompt = sum(f.usage.prompt_tokens for f in finals) if prompt_tokens is None else prompt_tokens
     return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(f.usage.cached_prompt_tokens for f in finals)},
     }
+
+
+@dataclass
+class ChoiceResult:
+    """One choice of a whole (non-streamed) response, as collected from its stream."""
+
+    text: list[str] = field(default_factory=list)
+    tokens: list[gen_pb.TokenLogprob] = field(default_factory=list)
+    final: gen_pb.Final | None = None
 
 
 class Formatter:
@@ -35,6 +58,10 @@ class Formatter:
         self.tokenizer = tokenizer
         self.with_logprobs = with_logprobs
         self.include_usage = include_usage  # streams: a last chunk with usage and no choices
+        # A text chunk's event is _head + its choice (_text_template) + _tail.
+        head = {"id": self.id, "object": self.chunk_object_name, "created": self.created, "model": self.model, "choices": []}
+        self._head = "data: " + json.dumps(head, ensure_ascii=False, separators=(",", ":")).removesuffix("]}")
+        self._tail = '],"usage":null}\n\n' if include_usage else "]}\n\n"
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -45,24 +72,32 @@ class Formatter:
             body["usage"] = usage_
         return body
 
-    def whole(self, text: str, tokens: Sequence[gen_pb.TokenLogprob], final: gen_pb.Final) -> dict[str, Any]:
-        finish = FINISH_REASONS.get(final.finish_reason)
-        return self._body(self.object_name, [self._choice(text, tokens, finish, whole=True)], usage(final))
+    def whole(self, choices: Sequence[ChoiceResult], usage_: dict[str, Any]) -> dict[str, Any]:
+        return self._body(self.object_name, [
+            self._choice(i, "".join(c.text), c.tokens, FINISH_REASONS.get(c.final.finish_reason), whole=True) for i, c in enumerate(choices)
+        ], usage_)
 
-    def chunk(self, delta: gen_pb.Delta) -> dict[str, Any] | None:
-        """The chunk for one Delta, or None when it has nothing to send yet (text held back)."""
-        if not delta.text and not (self.with_logprobs and delta.logprobs):
+    def delta_event(self, delta: gen_pb.Delta, index: int = 0) -> str | None:
+        """The SSE event for one Delta, or None when it has nothing to send yet (text held back)."""
+        if self.with_logprobs and delta.logprobs:
+            return sse(self._body(self.chunk_object_name, [self._choice(index, delta.text, delta.logprobs, None, whole=False)], stream=True))
+        if not delta.text:
             return None
-        return self._body(self.chunk_object_name, [self._choice(delta.text, delta.logprobs, None, whole=False)], stream=True)
+        text = json.dumps(delta.text, ensure_ascii=False)
+        return f"{self._head}{self._text_template(index, text)}{self._tail}"
 
-    def final_chunks(self, final: gen_pb.Final) -> list[dict[str, Any]]:
-        finish = FINISH_REASONS.get(final.finish_reason)
-        chunks = [self._body(self.chunk_object_name, [self._choice("", [], finish, whole=False, last=True)], stream=True)]
-        if self.include_usage:
-            chunks.append(self._body(self.chunk_object_name, [], usage(final), stream=True))
-        return chunks
+    def _text_template(self, index: int, text_json: str) -> str:
+        """The choice of a streamed text chunk without logprobs, ``text_json`` already JSON."""
+        raise NotImplementedError
 
-    def _choice(self, text: str, tokens, finish: str | None, whole: bool, last: bool = False) -> dict[str, Any]:
+    def finish_event(self, final: gen_pb.Final, index: int = 0) -> str:
+        choice = self._choice(index, "", [], FINISH_REASONS.get(final.finish_reason), whole=False, last=True)
+        return sse(self._body(self.chunk_object_name, [choice], stream=True))
+
+    def usage_event(self, usage_: dict[str, Any]) -> str:
+        return sse(self._body(self.chunk_object_name, [], usage_, stream=True))
+
+    def _choice(self, index: int, text: str, tokens, finish: str | None, whole: bool, last: bool = False) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -71,44 +106,47 @@ class CompletionFormatter(Formatter):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.text_offset = 0
+        self.text_offsets: dict[int, int] = {}  # per choice: characters of text before the next token
 
-    def _choice(self, text, tokens, finish, whole, last=False):
-        logprobs = self._logprobs(tokens) if self.with_logprobs and not last else None
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    def _text_template(self, index, text_json):
+        return f'{{"index":{index},"text":{text_json},"logprobs":null,"finish_reason":null}}'
 
-    def _logprobs(self, tokens: Sequence[gen_pb.TokenLogprob]) -> dict[str, Any]:
+    def _choice(self, index, text, tokens, finish, whole, last=False):
+        logprobs = self.logprobs(index, tokens) if self.with_logprobs and not last else None
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def logprobs(self, index: int, tokens: Sequence[gen_pb.TokenLogprob], first_is_none: bool = False) -> dict[str, Any]:
+        """``first_is_none``: an echoed prompt's first token, which has no logprob (None, as in vLLM)."""
         strings = [self.token_text(t.token_id) for t in tokens]
+        offset = self.text_offsets.get(index, 0)
         offsets = []
         for s in strings:
-            offsets.append(self.text_offset)
-            self.text_offset += len(s)
-        return {
-            "tokens": strings,
-            "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{self.token_text(a.token_id): a.logprob for a in t.top} for t in tokens],
-            "text_offset": offsets,
-        }
+            offsets.append(offset)
+            offset += len(s)
+        self.text_offsets[index] = offset
+        token_logprobs: list[float | None] = [t.logprob for t in tokens]
+        top: list[dict[str, float] | None] = [{self.token_text(a.token_id): a.logprob for a in t.top} for t in tokens]
+        if first_is_none and tokens:
+            token_logprobs[0], top[0] = None, None
+        return {"tokens": strings, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
 class ChatFormatter(Formatter):
     id_prefix, object_name, chunk_object_name = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.sent_role = False
-
-    def first_chunk(self) -> dict[str, Any]:
+    def role_event(self, index: int = 0) -> str:
         """Streams open with the assistant's role, as OpenAI's do."""
-        self.sent_role = True
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        return self._body(self.chunk_object_name, [choice], stream=True)
+        choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        return sse(self._body(self.chunk_object_name, [choice], stream=True))
 
-    def _choice(self, text, tokens, finish, whole, last=False):
+    def _text_template(self, index, text_json):
+        return f'{{"index":{index},"delta":{{"content":{text_json}}},"logprobs":null,"finish_reason":null}}'
+
+    def _choice(self, index, text, tokens, finish, whole, last=False):
         logprobs = {"content": [self._entry(t) for t in tokens]} if self.with_logprobs and not last else None
         if whole:
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish}
-        return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": logprobs, "finish_reason": finish}
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs, "finish_reason": finish}
 
     def _entry(self, t: gen_pb.TokenLogprob) -> dict[str, Any]:
         s = self.token_text(t.token_id)

@@ -25,11 +25,15 @@ def _unsupported(param: str, message: str) -> OpenAIError:
     return OpenAIError(400, f"{param}: {message}", param=param, code="unsupported_parameter")
 
 
-def _check_common(req: OpenAIRequest) -> None:
-    if req.n != 1:
-        raise _unsupported("n", f"only n=1 is supported (got {req.n}); send separate requests for more choices")
+MAX_CHOICES = 128  # prompts x n in one request: each is a request on the workers
+
+
+def _check_common(req: OpenAIRequest, num_prompts: int = 1) -> None:
+    if not 1 <= req.n <= MAX_CHOICES // num_prompts:
+        raise OpenAIError(400, f"n: must be in [1, {MAX_CHOICES // num_prompts}] ({num_prompts} prompts x n choices, at most {MAX_CHOICES}), got {req.n}", param="n")
     if req.best_of not in (None, 1):
-        raise _unsupported("best_of", f"only best_of=1 is supported (got {req.best_of})")
+        # vLLM's V1 engine dropped it too: n samples are returned, never ranked and cut.
+        raise _unsupported("best_of", f"is not supported (got {req.best_of}): send n for several samples")
     if req.logit_bias:
         raise _unsupported("logit_bias", "is not supported")
     if req.stream_options is not None and not req.stream:
@@ -59,25 +63,21 @@ def _generate_request(req: OpenAIRequest, max_tokens: int | None, logprobs: bool
     return msg
 
 
-def completion_request(req: CompletionRequest) -> gen_pb.GenerateRequest:
-    _check_common(req)
-    if req.echo:
-        raise _unsupported("echo", "is not supported")
+def completion_request(req: CompletionRequest) -> tuple[list[str | list[int]], gen_pb.GenerateRequest]:
+    """The prompts (one, or a batch), and the request each is sent with (prompt and max_tokens unset)."""
+    prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], (str, list)) else [req.prompt]
+    if len(prompts) > MAX_CHOICES:
+        raise OpenAIError(400, f"prompt: a batch of at most {MAX_CHOICES} prompts is taken, got {len(prompts)}", param="prompt")
+    _check_common(req, len(prompts))
     if req.suffix:
         raise _unsupported("suffix", "is not supported")
-    prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise _unsupported("prompt", f"one prompt per request is supported (got {len(prompt)}); send them separately")
-        prompt = prompt[0]
-    if not prompt:
-        raise OpenAIError(400, "prompt: is empty", param="prompt")
-    msg = _generate_request(req, req.max_tokens, req.logprobs is not None, req.logprobs or 0)
-    if isinstance(prompt, str):
-        msg.text = prompt
-    else:
-        msg.token_ids.ids.extend(prompt)
-    return msg
+    if req.prompt_logprobs is not None or (req.echo and req.logprobs is not None):
+        # The engine computes the logprobs of sampled tokens only: a prompt's would be made up.
+        param = "prompt_logprobs" if req.prompt_logprobs is not None else "echo"
+        raise _unsupported(param, "prompt logprobs are not computed by this server (echo without logprobs is)")
+    if req.max_tokens == 0 and not req.echo:
+        raise OpenAIError(400, "max_tokens: 0 is only allowed with echo (the prompt alone)", param="max_tokens")
+    return prompts, _generate_request(req, None, req.logprobs is not None, req.logprobs or 0)
 
 
 def chat_request(
