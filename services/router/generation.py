@@ -19,6 +19,7 @@ from splitserve.services.metrics import ServiceMetrics
 from splitserve.services.router.decode_streams import DecodeFailed
 from splitserve.services.router.detokenizer import IncrementalDetokenizer
 from splitserve.services.router.request_input import ModelLimits, PreparedRequest, prepare
+from splitserve.services.router.placement import Placer
 from splitserve.services.router.routing import RoutingPolicy, should_skip_prefill
 from splitserve.services.router.workers import WorkerDirectory
 from splitserve.v1 import generation_pb2 as gen_pb
@@ -70,8 +71,10 @@ class DecodeProgress:
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
     def __init__(
-        self, settings: RouterSettings, tokenizer: PreTrainedTokenizerBase, workers: WorkerDirectory, policy: RoutingPolicy, metrics: ServiceMetrics
+        self, settings: RouterSettings, tokenizer: PreTrainedTokenizerBase, workers: WorkerDirectory, policy: RoutingPolicy, metrics: ServiceMetrics,
+        placer: Placer | None = None,
     ) -> None:
+        self.placer = placer  # per-request placement (placement.py); None: every prompt long enough goes remote
         self.settings = settings
         self.tokenizer = tokenizer
         self.workers = workers
@@ -196,7 +199,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         progress = DecodeProgress()
         decode_request = worker_pb.DecodeRequest(request=engine_request)
         prefill = None
-        if not should_skip_prefill(len(prompt), self.settings.prefill_threshold):
+        if not should_skip_prefill(len(prompt), self.settings.prefill_threshold) and (
+            self.placer is None or await self.placer.remote(self.workers, self.policy, block_hashes, len(prompt), engine_request.request_id)
+        ):
             prefill = await self._prefill(prepared, block_hashes, deadline)
         kv_pinned = prefill is not None and prefill[0].HasField("kv")  # on the prefill worker until decode takes it
         try:
