@@ -225,3 +225,31 @@ async def test_redis_lookups_agree_with_the_in_memory_reference(redis_server):
         candidates = rng.sample(worker_ids, rng.randint(1, len(worker_ids)))
         assert await cp.match_prefix(query, candidates) == await reference.match_prefix(query, candidates), step
     await cp.close()
+
+
+@run_async
+async def test_a_store_emptied_under_its_clients_is_noticed_by_every_one_and_routing_keeps_its_workers(own_redis_server):
+    """A Redis restarted without its data lists no worker until each heartbeats again: every client
+    counts the reset (whoever reads first), and the router keeps the last known workers meanwhile."""
+    from splitserve.services.router.workers import RegistryContinuity
+
+    router, other = await RedisControlPlane.connect(own_redis_server.url), await RedisControlPlane.connect(own_redis_server.url)
+    now = [0.0]
+    try:
+        await router.register(prefill("p1"), ttl_seconds=30)
+        continuity = RegistryContinuity(router, grace_seconds=3.0, clock=lambda: now[0])
+        assert [w.info.worker_id for w in continuity.workers("prefill", await router.live_workers("prefill"))] == ["p1"]
+        await other.live_workers()
+        assert (router.num_resets, other.num_resets) == (0, 0)
+        redis.Redis(port=own_redis_server.port).flushall()
+        await other.live_workers()  # the other client finds it empty first and writes a new epoch
+        listed = await router.live_workers("prefill")
+        assert listed == [] and (router.num_resets, other.num_resets) == (1, 1)
+        assert [w.info.worker_id for w in continuity.workers("prefill", listed)] == ["p1"]  # kept
+        now[0] = 3.5  # one TTL later: what the store lists is the truth again
+        assert continuity.workers("prefill", await router.live_workers("prefill")) == []
+        await router.deregister("p1")  # a deregistration is no reset
+        assert router.num_resets == 1
+    finally:
+        await router.close()
+        await other.close()
