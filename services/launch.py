@@ -14,6 +14,7 @@ from splitserve.services.grpc_server import PortInUse, ServiceHost
 from splitserve.services.metrics import ServiceMetrics
 from splitserve.services.router.auth import ApiKeys, ServiceEdge
 from splitserve.services.router.generation import GenerationService, RouterSettings
+from splitserve.services.router.placement import EngineBudget, Placer, parse_slo
 from splitserve.services.router.request_input import ModelLimits, longest_token_chars
 from splitserve.services.router.routing import make_policy
 from splitserve.services.router.workers import WorkerDirectory
@@ -47,6 +48,9 @@ class RouterConfig:
     control_plane_url: str = "embedded"
     policy: str = "prefix_aware"
     prefill_threshold: int = 0
+    placement_profile: Path | None = None  # a profile JSON turns on per-request placement (router/placement.py)
+    placement_slo: str = "ttft:500,itl:50"
+    placement_budget: int = 8192  # the workers' max_num_batched_tokens, for the placement estimates
     block_size: int = 16
     default_max_tokens: int = 256
     max_tokens_limit: int = 4096
@@ -101,7 +105,11 @@ async def serve_router(config: RouterConfig) -> None:
     )
     worker_key = read_worker_key(config.worker_keys_file)
     workers = WorkerDirectory(control_plane, config.block_size, security=router_to_workers(config.tls, worker_key))
-    service = GenerationService(settings, tokenizer, workers, make_policy(config.policy), metrics)
+    placer = None
+    if config.placement_profile is not None:
+        placer = Placer.from_files(config.placement_profile, config.placement_profile, parse_slo(config.placement_slo),
+                                   EngineBudget(config.placement_budget, config.block_size), metrics.registry)
+    service = GenerationService(settings, tokenizer, workers, make_policy(config.policy), metrics, placer)
     host = ServiceHost(
         ["splitserve.v1.Generation", *(["splitserve.v1.ControlPlane"] if embedded else [])], metrics.registry,
         max_receive_bytes=limits.max_request_bytes, max_concurrent_rpcs=config.max_inflight + RPC_HEADROOM,

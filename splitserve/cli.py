@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--control-plane", default="embedded", help="redis://... to share state between routers; embedded: in-process")
     router.add_argument("--policy", default="prefix_aware", choices=("prefix_aware", "least_loaded", "round_robin"))
     router.add_argument("--prefill-threshold", type=non_negative_int, default=0, help="prompts shorter than this are prefilled on the decode worker")
+    router.add_argument("--placement-profile", type=Path, default=None,
+                        help="profile JSON of the workers (splitserve profile): prefill each prompt remotely or on its decode worker, "
+                        "whichever the estimated TTFT and ITL leave more headroom to the SLOs")
+    router.add_argument("--placement-slo", default="ttft:500,itl:50", help="with --placement-profile: the SLOs in ms")
+    router.add_argument("--placement-budget", type=positive_int, default=8192, help="with --placement-profile: the workers' --max-num-batched-tokens")
     router.add_argument("--block-size", type=positive_int, default=16)
     router.add_argument("--max-tokens-limit", type=positive_int, default=4096)
     router.add_argument("--default-max-tokens", type=positive_int, default=256)
@@ -248,6 +253,9 @@ def _run_router(args) -> int:
         control_plane_url=args.control_plane,
         policy=args.policy,
         prefill_threshold=args.prefill_threshold,
+        placement_profile=args.placement_profile,
+        placement_slo=args.placement_slo,
+        placement_budget=args.placement_budget,
         block_size=args.block_size,
         default_max_tokens=args.default_max_tokens,
         max_tokens_limit=args.max_tokens_limit,

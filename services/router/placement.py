@@ -18,16 +18,25 @@ other one, and a full tie to remote (it keeps decode steps short). The reason na
 metric that decided (``ttft`` or ``itl``: where the loser's headroom fell short), or
 ``no_prefill_worker``; decisions are counted by choice and reason.
 
-Pure and synchronous, like ``routing.py``: the simulator runs the same code on its
-simulated workers' load.
+``PlacementPolicy`` is pure and synchronous, like ``routing.py``: the simulator runs the
+same code on its simulated workers' load. ``Placer`` is the router's async side.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter
 
 from splitserve.controlplane.types import LiveWorker
 from splitserve.profile.schema import Profile
 from splitserve.profile.step_model import causal_pairs
+from splitserve.services.router.routing import RoutingPolicy
+
+if TYPE_CHECKING:  # the simulator imports this module without the router's gRPC side
+    from splitserve.services.router.workers import WorkerDirectory
 
 WHERE = ("remote", "local")
 REASONS = ("no_prefill_worker", "ttft", "itl")
@@ -41,6 +50,17 @@ class PlacementSLO:
     def __post_init__(self) -> None:
         if not (self.ttft_ms > 0 and self.itl_ms > 0):
             raise ValueError(f"placement SLOs must be positive, got {self}")
+
+
+def parse_slo(text: str) -> PlacementSLO:
+    """``"ttft:500,itl:50"`` -> PlacementSLO(500.0, 50.0)."""
+    try:
+        values = dict(pair.split(":", 1) for pair in text.split(","))
+        if set(values) != {"ttft", "itl"}:
+            raise ValueError
+        return PlacementSLO(float(values["ttft"]), float(values["itl"]))
+    except ValueError:
+        raise ValueError(f"placement SLOs must read ttft:MS,itl:MS with positive numbers, got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -143,3 +163,41 @@ def _deciding(loser: list[tuple[float, str]], winner: list[tuple[float, str]]) -
     if loser[0][0] < winner[0][0]:
         return loser[0][1]
     return loser[1][1]
+
+
+class Placer:
+    """The router's side: asks the routing policy which prefill and decode worker each choice
+    would use, decides, and counts the decision (``splitserve_placements_total``)."""
+
+    def __init__(self, policy: PlacementPolicy, registry: CollectorRegistry) -> None:
+        self.policy = policy
+        self.decisions = Counter("splitserve_placements", "Per-request placement: where the prompt was prefilled, and why",
+                                 ["where", "reason"], registry=registry)
+
+    @classmethod
+    def from_files(cls, prefill_profile: Path, decode_profile: Path, slo: PlacementSLO, budget: EngineBudget,
+                   registry: CollectorRegistry) -> Placer:
+        decode = Profile.load(decode_profile)
+        prefill = Profile.load(prefill_profile) if prefill_profile != decode_profile else decode
+        return cls(PlacementPolicy(prefill, decode, slo, budget, budget), registry)
+
+    async def remote(self, workers: WorkerDirectory, routing: RoutingPolicy, block_hashes: Sequence[bytes],
+                     num_prompt_tokens: int, request_id: str) -> bool:
+        """True: prefill on a prefill worker. With no live decode worker it says remote and
+        leaves the error to the decode path."""
+        decode_candidates = await workers.live("decode")
+        if not decode_candidates:
+            return True
+        num_blocks = -(-(num_prompt_tokens + 1) // decode_candidates[0].info.block_size)
+        picked = routing.pick_decode(decode_candidates, num_blocks, request_id.encode())
+        decode = next(w for w in decode_candidates if w.info.worker_id == picked.worker_id)
+        prefill = None
+        prefill_candidates = await workers.live("prefill")
+        if prefill_candidates:
+            matches = await workers.match_prefix(block_hashes, prefill_candidates)
+            chosen = routing.pick_prefill(block_hashes, prefill_candidates, matches, num_prompt_tokens)
+            prefill = next(w for w in prefill_candidates if w.info.worker_id == chosen.worker_id)
+            num_prompt_tokens -= chosen.num_cached_tokens
+        placement = self.policy.decide(PlacementState(max(num_prompt_tokens, 1), prefill, decode))
+        self.decisions.labels(placement.where, placement.reason).inc()
+        return placement.where == "remote"

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.optimize import nnls
 
 
 def causal_pairs(num_new: int, context: int) -> int:
@@ -69,6 +68,8 @@ class StepModel:
 def _nnls(rows: Sequence[Sequence[float]], targets: Sequence[float], num_features: int) -> np.ndarray:
     if not rows:
         return np.zeros(num_features)
+    from scipy.optimize import nnls  # only when fitting: the router loads profiles without it
+
     coef, _ = nnls(np.asarray(rows, dtype=np.float64), np.asarray(targets, dtype=np.float64))
     return coef
 

@@ -13,7 +13,7 @@ from splitserve.bench.config import parse_percentiles, parse_rates
 from splitserve.bench.metrics import parse_goodput
 from splitserve.bench.report import format_point, format_summary, results_document, write_json
 from splitserve.profile.schema import Profile
-from splitserve.services.router.placement import EngineBudget, PlacementPolicy, PlacementSLO
+from splitserve.services.router.placement import EngineBudget, PlacementPolicy, parse_slo
 from splitserve.sim.cluster import Layout, Overheads
 from splitserve.sim.run import parse_layout, simulate
 from splitserve.sim.worker import EngineLimits
@@ -56,14 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _slo(text: str) -> PlacementSLO:
-    values = dict(pair.split(":", 1) for pair in text.split(","))
-    try:
-        return PlacementSLO(float(values["ttft"]), float(values["itl"]))
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"--placement-slo must be ttft:MS,itl:MS, got {text!r}") from e
-
-
 def layout_from_args(args: argparse.Namespace) -> Layout:
     num_prefill, num_decode = parse_layout(args.layout)
     decode = Profile.load(args.profile)
@@ -73,7 +65,7 @@ def layout_from_args(args: argparse.Namespace) -> Layout:
     prefill_limits = replace(limits, max_num_batched_tokens=args.prefill_max_num_batched_tokens or args.max_num_batched_tokens)
     policy = None
     if args.placement == "adaptive":
-        policy = PlacementPolicy(prefill, decode, _slo(args.placement_slo),
+        policy = PlacementPolicy(prefill, decode, parse_slo(args.placement_slo),
                                  EngineBudget(prefill_limits.max_num_batched_tokens, prefill.block_size),
                                  EngineBudget(limits.max_num_batched_tokens, decode.block_size))
     return Layout(num_prefill, num_decode, prefill if num_prefill else None, decode, limits, prefill_limits,
