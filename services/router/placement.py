@@ -124,14 +124,14 @@ class PlacementPolicy:
     def estimate_remote(self, state: PlacementState) -> Estimate:
         queued = state.prefill.load.num_tokens_in_flight + state.prompt_len
         ttft = self._prefill_ms(queued, self.prefill_budget.max_num_batched_tokens)
-        rows = state.decode.load.num_running + 1
+        rows = state.decode.load.num_running + state.decode.load.num_waiting + 1
         step = self.decode_model.step_ms(rows, rows, self._context_tokens(state.decode) + state.prompt_len, 0)
         transfer = self.decode_profile.transfer_model.transfer_ms(self.decode_profile.kv_bytes(state.prompt_len))
         return Estimate(ttft, max(step, transfer + step))
 
     def estimate_local(self, state: PlacementState) -> Estimate:
         load = state.decode.load
-        rows = load.num_running
+        rows = load.num_running + load.num_waiting  # the waiting join the batch before this prompt's chunks
         chunk = max(self.decode_budget.max_num_batched_tokens - rows, 1)
         queued = load.num_tokens_in_flight + state.prompt_len
         context = self._context_tokens(state.decode)
