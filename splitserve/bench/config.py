@@ -50,8 +50,13 @@ class ClientConfig:
     ready_timeout_s: float  # how long to wait for the server to answer GetModelInfo
     ignore_eos: bool = True
     sampling: tuple[tuple[str, float], ...] = ()  # SamplingParams fields sent with each request; none: greedy
+    backend: str = "grpc"  # or openai-completions / openai-chat (splitserve.bench.openai_client)
+    tokenizer: Path | None = None  # HTTP backends: vocabulary, EOS ids and chat prompt text
+    api_key: str | None = None  # HTTP backends
 
     def __post_init__(self) -> None:
+        if self.backend not in ("grpc", "openai-completions", "openai-chat"):
+            raise ValueError(f"--backend must be grpc, openai-completions or openai-chat, got {self.backend!r}")
         for target in self.targets:
             host, sep, port = target.rpartition(":")
             if not sep or not host or not port.isdigit():
@@ -92,6 +97,8 @@ class BenchConfig:
             raise ValueError("--num-warmups must be >= 0")
         if not self.label or "/" in self.label:
             raise ValueError(f"--label must be a non-empty file-name stem, got {self.label!r}")
+        if self.client.backend == "openai-chat" and self.dataset.kind == "random" and self.client.tokenizer is None:
+            raise ValueError("--backend openai-chat sends text: random prompts (token ids) need --tokenizer to become text")
 
     @property
     def tail_percentile(self) -> float:

@@ -27,6 +27,7 @@ from splitserve.bench.config import BenchConfig, ClientConfig, DatasetConfig, ma
 from splitserve.bench.datasets import BenchRequest, inject_invalid, jsonl_requests, random_requests
 from splitserve.bench.loadgen import RequestFn
 from splitserve.bench.metrics import parse_goodput
+from splitserve.bench.openai_client import BACKENDS, OpenAIClient
 from splitserve.bench.records import RequestRecord
 from splitserve.bench.report import format_point, format_summary, results_document, write_json
 from splitserve.bench.sweep import PointResult, run_point
@@ -35,10 +36,17 @@ from splitserve.bench.sweep import PointResult, run_point
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="splitserve bench serve",
-        description="Benchmark a running splitserve router over its public gRPC API "
+        description="Benchmark a running server over splitserve's gRPC API or the OpenAI HTTP API "
         "(metrics defined as `vllm bench serve` defines them).",
     )
-    p.add_argument("--target", required=True, help="the router, HOST:PORT; several routers of one platform: comma-separated, requests go to them in turn")
+    p.add_argument("--target", required=True, help="the server, HOST:PORT (the gRPC port for --backend grpc, the HTTP port "
+                   "otherwise); several of one platform: comma-separated, requests go to them in turn")
+    p.add_argument("--backend", choices=BACKENDS, default="grpc",
+                   help="grpc: splitserve's Generate; openai-completions / openai-chat: /v1/completions or "
+                   "/v1/chat/completions streamed, as vLLM's benchmark sends them (any OpenAI-compatible server)")
+    p.add_argument("--tokenizer", type=Path, help="a local tokenizer directory, for HTTP servers that do not report "
+                   "their vocabulary (vLLM, SGLang) and for openai-chat's prompt text")
+    p.add_argument("--api-key", default=None, help="HTTP backends: sent as a bearer token")
     d = p.add_argument_group("workload")
     d.add_argument("--dataset", choices=("random", "jsonl"), default="random")
     d.add_argument("--dataset-path", type=Path, help='JSONL file of {"prompt": ..., "output_len": ...}')
@@ -81,6 +89,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         client=ClientConfig(
             args.target, args.request_timeout, args.ready_timeout, args.ignore_eos,
             tuple((k, v) for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k)) if v is not None),
+            backend=args.backend, tokenizer=args.tokenizer, api_key=args.api_key,
         ),
         dataset=DatasetConfig(
             kind=args.dataset,
@@ -166,16 +175,30 @@ def _request_fn(client: GenerationClient, id_prefix: str) -> RequestFn:
     return send
 
 
+def _client(cfg: ClientConfig) -> GenerationClient | OpenAIClient:
+    if cfg.backend == "grpc":
+        return GenerationClient(cfg.targets, cfg.request_timeout_s, cfg.ignore_eos, cfg.sampling)
+    tokenizer = None
+    if cfg.tokenizer is not None:
+        from transformers import AutoTokenizer  # seconds to import: only for the HTTP backends that need it
+
+        tokenizer = AutoTokenizer.from_pretrained(str(cfg.tokenizer), local_files_only=True)
+    return OpenAIClient(cfg.backend, cfg.targets, cfg.request_timeout_s, cfg.ignore_eos, cfg.sampling, tokenizer, cfg.api_key)
+
+
 async def run(cfg: BenchConfig, argv: Sequence[str]) -> int:
     run_id = f"bench-{uuid.uuid4().hex[:8]}"  # request ids only; never affects the workload
     started_at = time.time()
     seeds = np.random.SeedSequence(cfg.seed)
     data_seeds, arrival_seed = seeds.spawn(2)
-    async with GenerationClient(cfg.client.targets, cfg.client.request_timeout_s, cfg.client.ignore_eos, cfg.client.sampling) as client:
+    async with _client(cfg.client) as client:
         try:
             info = await client.model_info(cfg.client.ready_timeout_s)
         except grpc.aio.AioRpcError as e:
             print(f"error: {cfg.client.target} did not answer GetModelInfo: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+        except ConnectionError as e:
+            print(f"error: {cfg.client.target} did not answer: {e}", file=sys.stderr)
             return 1
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
