@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from splitserve.cli_errors import (
-    OneLineParser, fraction, non_negative_float, non_negative_int, port_number, port_or_off, positive_float, positive_int, user_error_message,
+    OneLineParser, UsageError, fraction, non_negative_float, non_negative_int, port_number, port_or_off, positive_float, positive_int, user_error_message,
 )
 
 DEMO_DIR = Path.home() / ".cache" / "splitserve" / "demo-llama-tiny"
@@ -47,6 +47,7 @@ def _add_worker(p: argparse.ArgumentParser, port: int, metrics_port: int) -> Non
     p.add_argument("--worker-id", default=None, help="stable id of this worker (default: role-host-port)")
     p.add_argument("--advertise-address", default=None, help="host:port the router and peers reach this worker at")
     p.add_argument("--control-plane", required=True, help="redis://HOST:PORT/DB, or grpc://ROUTER:PORT for a router's embedded store")
+    _add_control_plane_password(p)
     p.add_argument("--lease-seconds", type=positive_float, default=30.0)
     p.add_argument("--transfer-timeout", type=positive_float, default=10.0)
     tls = p.add_argument_group("TLS (docs/security.md)")
@@ -58,6 +59,28 @@ def _add_worker(p: argparse.ArgumentParser, port: int, metrics_port: int) -> Non
     p.add_argument("--worker-keys-file", type=Path, default=None,
                    help="the worker credential (never a client's API key): callers of this worker must present one of its keys; "
                         "it presents the first to the control plane and to its peers (docs/security.md)")
+
+
+def _add_control_plane_password(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--control-plane-password-env", metavar="VAR", default=None,
+                   help="read the Redis password from environment variable VAR (a Secret's secretKeyRef in a pod), so it never appears in arguments")
+
+
+def _control_plane_url(args) -> str:
+    """--control-plane with the password of --control-plane-password-env put in (redis:// and rediss:// only)."""
+    import os
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    url, var = args.control_plane, args.control_plane_password_env
+    if var is None:
+        return url
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise UsageError(f"--control-plane-password-env needs a redis:// or rediss:// --control-plane, not {url!r}")
+    if not os.environ.get(var):
+        raise UsageError(f"--control-plane-password-env: environment variable {var} is not set or empty")
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{quote(parts.username or '', safe='')}:{quote(os.environ[var], safe='')}@{host}"))
 
 
 def _add_router_security(p: argparse.ArgumentParser) -> None:
@@ -122,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--model", type=Path, required=True, help="checkpoint directory (for the tokenizer and limits)")
     _add_listen(router, 50051, 9090)
     router.add_argument("--control-plane", default="embedded", help="redis://... to share state between routers; embedded: in-process")
+    _add_control_plane_password(router)
     router.add_argument("--policy", default="prefix_aware", choices=("prefix_aware", "least_loaded", "round_robin"))
     router.add_argument("--prefill-threshold", type=non_negative_int, default=0, help="prompts shorter than this are prefilled on the decode worker")
     router.add_argument("--placement-profile", type=Path, default=None,
@@ -170,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     except KeyboardInterrupt:
         return 130
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         message = user_error_message(e)
         if message is None:
             raise
@@ -250,7 +274,7 @@ def _run_router(args) -> int:
     config = RouterConfig(
         model_dir=args.model,
         listen=listen,
-        control_plane_url=args.control_plane,
+        control_plane_url=_control_plane_url(args),
         policy=args.policy,
         prefill_threshold=args.prefill_threshold,
         placement_profile=args.placement_profile,
@@ -308,7 +332,7 @@ def _run_worker(args) -> int:
         address=args.advertise_address or f"{args.host}:{args.port}",
         engine=engine,
         transfer=TransferConfig(lease_seconds=args.lease_seconds, transfer_timeout_seconds=args.transfer_timeout),
-        control_plane_url=args.control_plane,
+        control_plane_url=_control_plane_url(args),
     )
     listen = Listen(args.host, args.port, None if args.metrics_port < 0 else args.metrics_port, args.drain_seconds)
     tls = worker_tls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)

@@ -11,8 +11,13 @@ import errno
 import sys
 from collections.abc import Callable
 
+class UsageError(Exception):
+    """Flags that do not go together, or what a flag names is missing."""
+
+
 # (module, class): checked only when the module was imported, so the check itself imports nothing heavy.
 USER_ERRORS = (
+    ("splitserve.cli_errors", "UsageError"),
     ("splitserve.models.arch", "CheckpointError"),
     ("splitserve.config", "ConfigError"),
     ("splitserve.controlplane.types", "ControlPlaneUnavailable"),
@@ -37,6 +42,8 @@ def user_error_message(error: BaseException) -> str | None:
         module = sys.modules.get(module_name)
         if module is not None and isinstance(error, getattr(module, class_name, ())):
             return str(error)
+    if isinstance(error, SystemExit) and isinstance(error.code, str) and error.code.startswith("error: "):
+        return error.code.removeprefix("error: ")  # raise SystemExit("error: ...") in a command's own checks
     if isinstance(error, FileExistsError):
         return str(error)
     if isinstance(error, OSError) and error.errno in BIND_ERRNOS and error.filename is not None:

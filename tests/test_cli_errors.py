@@ -62,6 +62,8 @@ BAD_FLAGS = [
     (["router", "--model", "m", "--max-tokens-limit", "0"], "--max-tokens-limit"),
     (["router", "--model", "m", "--policy", "random"], "--policy: invalid choice"),
     (["up", "--http-port", "-5"], "--http-port"),
+    (["up", "--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+    (["router", "--model", "m", "--control-plane", "grpc://r:1", "--control-plane-password-env", "PW"], "redis://"),
     (["generate", "hi", "--max-tokens", "0"], "--max-tokens"),
     (["prefill", "--model", "m"], "--control-plane"),  # a required flag missing
     (["serve"], "invalid choice"),
