@@ -36,6 +36,27 @@ def validate_service_monitor(doc: dict) -> None:
         assert set(ep) <= {"port", "path", "interval", "scrapeTimeout"} and ep["port"]
 
 
+def validate_scaled_object(doc: dict) -> None:
+    # A KEDA CRD, not in kubernetes-validate's schemas: the fields KEDA requires and this chart sets.
+    assert doc["apiVersion"] == "keda.sh/v1alpha1" and set(doc) == {"apiVersion", "kind", "metadata", "spec"}
+    spec = doc["spec"]
+    assert set(spec) <= {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval", "cooldownPeriod", "triggers"}
+    assert spec["scaleTargetRef"]["name"] and spec["triggers"]
+    for trigger in spec["triggers"]:
+        assert trigger["type"] == "prometheus" and set(trigger["metadata"]) == {"serverAddress", "query", "threshold"}
+        assert all(isinstance(v, str) for v in trigger["metadata"].values())  # KEDA takes strings only
+
+
+def validate_http_route(doc: dict) -> None:
+    # Gateway API CRD (v1): the fields this chart sets.
+    assert doc["apiVersion"] == "gateway.networking.k8s.io/v1" and set(doc) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(doc["spec"]) <= {"parentRefs", "hostnames", "rules"} and doc["spec"]["parentRefs"]
+    for rule in doc["spec"]["rules"]:
+        assert set(rule) <= {"matches", "backendRefs"}
+        for ref in rule["backendRefs"]:
+            assert set(ref) == {"name", "port"} and isinstance(ref["port"], int)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def schemas_loaded_once():
     # kubernetes-validate reads the (large) schema files on every call; read each once.
@@ -48,8 +69,9 @@ def schemas_loaded_once():
 @functools.lru_cache(maxsize=None)
 def validate(doc_json: str) -> None:
     doc = json.loads(doc_json)
-    if doc["kind"] == "ServiceMonitor":
-        validate_service_monitor(doc)
+    crds = {"ServiceMonitor": validate_service_monitor, "ScaledObject": validate_scaled_object, "HTTPRoute": validate_http_route}
+    if doc["kind"] in crds:
+        crds[doc["kind"]](doc)
         return
     try:
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
@@ -421,7 +443,9 @@ def test_scheduling_values_reach_the_pods(chart):
     assert decode["affinity"] == values["decode"]["affinity"] and "nodeSelector" not in decode
     assert decode["containers"][0]["args"][-1] == "--max-num-seqs=256"
     assert {"name": "NCCL_DEBUG", "value": "WARN"} in decode["containers"][0]["env"]
-    assert decode["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000}
+    # Merged over the restricted defaults: the uid changes, the seccomp profile stays.
+    assert decode["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 10001, "fsGroup": 10001,
+                                         "seccompProfile": {"type": "RuntimeDefault"}}
     assert prefill["containers"][0]["lifecycle"] == {"preStop": {"sleep": {"seconds": 10}}}
 
 

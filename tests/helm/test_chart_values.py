@@ -76,7 +76,7 @@ def test_set_flags_type_the_tp_size_as_helm_does(chart):
 
 @pytest.mark.parametrize("values,message", [
     ({"prefill": {"autoscaling": {"enabled": True}}, "planner": {"enabled": True}},
-     "prefill.autoscaling.enabled and planner.enabled both set the prefill Deployment's replicas"),
+     "prefill.autoscaling.enabled, prefill.keda.enabled and planner.enabled each set the prefill Deployment's replicas"),
     ({"decode": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
      "decode.autoscaling.minReplicas (5) is above decode.autoscaling.maxReplicas (2)"),
     ({"planner": {"enabled": True, "prefill": {"minReplicas": 6}}},

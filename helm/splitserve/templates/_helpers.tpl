@@ -36,8 +36,13 @@ app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- end -}}
 
+{{/* repository:tag, or repository@digest when image.digest pins it. */}}
 {{- define "splitserve.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "splitserve.serviceAccountName" -}}
@@ -112,16 +117,21 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
   readOnly: true
 {{- end -}}
 
-{{/* Copies the checkpoint out of model.image when that is the source. */}}
+{{/* Copies the checkpoint out of model.image when that is the source. (dict "ctx" $ "component" "prefill") */}}
 {{- define "splitserve.modelInitContainers" -}}
-{{- if eq .Values.model.source "image" -}}
+{{- $v := .ctx.Values -}}
+{{- if eq $v.model.source "image" -}}
 - name: copy-model
-  image: {{ printf "%s:%s" (required "model.image.repository is required when model.source is image" .Values.model.image.repository) .Values.model.image.tag }}
-  imagePullPolicy: {{ .Values.model.image.pullPolicy }}
-  command: ["cp", "-a", "{{ trimSuffix "/" .Values.model.image.sourcePath }}/.", "{{ .Values.model.mountPath }}/"]
+  image: {{ printf "%s:%s" (required "model.image.repository is required when model.source is image" $v.model.image.repository) (required "model.image.tag is required when model.source is image" $v.model.image.tag) }}
+  imagePullPolicy: {{ $v.model.image.pullPolicy }}
+  command: ["cp", "-a", "{{ trimSuffix "/" $v.model.image.sourcePath }}/.", "{{ $v.model.mountPath }}/"]
+  resources:
+    {{- toYaml $v.model.image.resources | nindent 4 }}
+  securityContext:
+    {{- include "splitserve.containerSecurityContext" . | nindent 4 }}
   volumeMounts:
     - name: model
-      mountPath: {{ .Values.model.mountPath }}
+      mountPath: {{ $v.model.mountPath }}
 {{- end }}
 {{- end -}}
 
@@ -151,7 +161,7 @@ prometheus.io/path: /metrics
 {{/* True when something other than the chart owns a pool's replica count. */}}
 {{- define "splitserve.replicasManaged" -}}
 {{- $pool := index .ctx.Values .component -}}
-{{- if or $pool.autoscaling.enabled .ctx.Values.planner.enabled -}}true{{- end -}}
+{{- if or $pool.autoscaling.enabled $pool.keda.enabled .ctx.Values.planner.enabled -}}true{{- end -}}
 {{- end -}}
 
 {{/* The internalTLS Secret (tls.crt, tls.key, ca.crt) as a pod volume: router and workers. */}}
@@ -164,4 +174,80 @@ prometheus.io/path: /metrics
       - {key: tls.crt, path: tls.crt}
       - {key: tls.key, path: tls.key}
       - {key: ca.crt, path: ca.crt}
+{{- end -}}
+
+{{/* A component's pod labels: the chart's, then its podLabels. (dict "ctx" $ "component" "prefill") */}}
+{{- define "splitserve.podLabels" -}}
+{{ include "splitserve.labels" . }}
+{{- with (index .ctx.Values .component).podLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Pod spec fields every component takes the same way: priority and runtime class, the pod
+securityContext, and where it may run. (dict "ctx" $ "component" "prefill")
+*/}}
+{{- define "splitserve.podPlacement" -}}
+{{- $pool := index .ctx.Values .component -}}
+{{- with $pool.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $pool.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with .ctx.Values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $pool.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $pool.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $pool.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $pool.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* containerSecurityContext with the component's securityContext over it. */}}
+{{- define "splitserve.containerSecurityContext" -}}
+{{- $pool := index .ctx.Values .component -}}
+{{- toYaml (mergeOverwrite (deepCopy .ctx.Values.containerSecurityContext) ($pool.securityContext | default dict)) -}}
+{{- end -}}
+
+{{/* Init containers: the model copy (model.source image), then the component's extraInitContainers. */}}
+{{- define "splitserve.initContainers" -}}
+{{- $pool := index .ctx.Values .component -}}
+{{- with include "splitserve.modelInitContainers" (dict "ctx" .ctx "component" .component) }}
+{{ . }}
+{{- end }}
+{{- with $pool.extraInitContainers }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The root filesystem is read-only: Python, Triton and torch write caches under HOME and /tmp,
+so both point at an emptyDir.
+*/}}
+{{- define "splitserve.scratchEnv" -}}
+- {name: HOME, value: /tmp}
+{{- end -}}
+
+{{- define "splitserve.scratchMount" -}}
+- {name: tmp, mountPath: /tmp}
+{{- end -}}
+
+{{- define "splitserve.scratchVolume" -}}
+- name: tmp
+  emptyDir: {}
 {{- end -}}

@@ -14,8 +14,8 @@ so their resources share these bodies. Each takes (dict "ctx" $ "component" "pre
 {{- if le (int $.Values.kvTransfer.endPort) (int $.Values.kvTransfer.port) -}}
 {{- fail (printf "kvTransfer.endPort (%d) must be above kvTransfer.port (%d)" (int $.Values.kvTransfer.endPort) (int $.Values.kvTransfer.port)) -}}
 {{- end -}}
-{{- if and $pool.autoscaling.enabled $.Values.planner.enabled -}}
-{{- fail (printf "%s.autoscaling.enabled and planner.enabled both set the %s Deployment's replicas: enable one" .component .component) -}}
+{{- if gt (len (without (list $pool.autoscaling.enabled $pool.keda.enabled $.Values.planner.enabled) false)) 1 -}}
+{{- fail (printf "%s.autoscaling.enabled, %s.keda.enabled and planner.enabled each set the %s Deployment's replicas: enable one" .component .component .component) -}}
 {{- end -}}
 apiVersion: apps/v1
 kind: Deployment
@@ -35,7 +35,7 @@ spec:
   template:
     metadata:
       labels:
-        {{- include "splitserve.labels" . | nindent 8 }}
+        {{- include "splitserve.podLabels" . | nindent 8 }}
       {{- with merge (dict) $pool.podAnnotations (include "splitserve.scrapeAnnotations" (dict "ctx" $ "port" $pool.ports.metrics) | fromYaml) }}
       annotations:
         {{- toYaml . | nindent 8 }}
@@ -44,15 +44,12 @@ spec:
       serviceAccountName: {{ include "splitserve.serviceAccountName" $ }}
       automountServiceAccountToken: false
       terminationGracePeriodSeconds: {{ int $pool.terminationGracePeriodSeconds }}
-      {{- with $.Values.podSecurityContext }}
-      securityContext:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
+      {{- include "splitserve.podPlacement" . | nindent 6 }}
       {{- with $.Values.imagePullSecrets }}
       imagePullSecrets:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- with include "splitserve.modelInitContainers" $ }}
+      {{- with include "splitserve.initContainers" . }}
       initContainers:
         {{- . | nindent 8 }}
       {{- end }}
@@ -77,6 +74,9 @@ spec:
             {{- $async := toString $pool.asyncScheduling }}
             - --async-scheduling={{ if eq $async "true" }}on{{ else if eq $async "false" }}off{{ else }}{{ $async }}{{ end }}
             - --control-plane={{ include "splitserve.redisUrl" $ }}
+            {{- if include "splitserve.redisPasswordSecretName" $ }}
+            - --control-plane-password-env=REDIS_PASSWORD
+            {{- end }}
             {{- if $mtls.enabled }}
             - --tls-cert=/etc/splitserve/internal-tls/tls.crt
             - --tls-key=/etc/splitserve/internal-tls/tls.key
@@ -93,6 +93,7 @@ spec:
               valueFrom: {fieldRef: {fieldPath: status.podIP}}
             - name: UCX_TCP_PORT_RANGE
               value: {{ printf "%d-%d" (int $.Values.kvTransfer.port) (int $.Values.kvTransfer.endPort) | quote }}
+            {{- include "splitserve.scratchEnv" $ | nindent 12 }}
             {{- with concat (include "splitserve.redisEnv" $ | fromYamlArray) $pool.extraEnv }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -122,12 +123,16 @@ spec:
             limits:
               {{- toYaml (merge (dict) $gpu ($pool.resources.limits | default dict)) | nindent 14 }}
           securityContext:
-            allowPrivilegeEscalation: false
+            {{- include "splitserve.containerSecurityContext" . | nindent 12 }}
           volumeMounts:
             {{- include "splitserve.modelVolumeMount" $ | nindent 12 }}
             - {name: dshm, mountPath: /dev/shm}
+            {{- include "splitserve.scratchMount" $ | nindent 12 }}
             {{- if $mtls.enabled }}
             - {name: internal-tls, mountPath: /etc/splitserve/internal-tls, readOnly: true}
+            {{- end }}
+            {{- with $pool.extraVolumeMounts }}
+            {{- toYaml . | nindent 12 }}
             {{- end }}
       volumes:
         {{- include "splitserve.modelVolume" $ | nindent 8 }}
@@ -138,22 +143,10 @@ spec:
           emptyDir:
             medium: Memory
             sizeLimit: {{ $pool.shmSize }}
-      {{- with $pool.nodeSelector }}
-      nodeSelector:
+        {{- include "splitserve.scratchVolume" $ | nindent 8 }}
+        {{- with $pool.extraVolumes }}
         {{- toYaml . | nindent 8 }}
-      {{- end }}
-      {{- with $pool.tolerations }}
-      tolerations:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-      {{- with $pool.affinity }}
-      affinity:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-      {{- with $pool.topologySpreadConstraints }}
-      topologySpreadConstraints:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
+        {{- end }}
 {{- end -}}
 
 {{/* Headless: workers are found through the control plane; this names them for metrics. */}}
@@ -277,4 +270,39 @@ spec:
   ports:
     - {port: {{ int .port }}, protocol: TCP}
 {{- end }}
+{{- end -}}
+
+
+{{/*
+KEDA: a ScaledObject per pool from a Prometheus query (KEDA then owns the pool's HPA). The
+default queries read vLLM's names: prefill scales on waiting requests, decode on KV-cache use.
+*/}}
+{{- define "splitserve.worker.scaledObject" -}}
+{{- $ := .ctx -}}
+{{- $k := (index $.Values .component).keda -}}
+{{- $name := include "splitserve.componentName" . -}}
+{{- if gt (int $k.minReplicas) (int $k.maxReplicas) -}}
+{{- fail (printf "%s.keda.minReplicas (%d) is above %s.keda.maxReplicas (%d)" .component (int $k.minReplicas) .component (int $k.maxReplicas)) -}}
+{{- end -}}
+{{- $selector := printf "namespace=\"%s\",role=\"%s\",pod=~\"%s-.*\"" $.Release.Namespace .component $name -}}
+{{- $default := ternary (printf "sum(vllm:num_requests_waiting{%s})" $selector) (printf "sum(vllm:kv_cache_usage_perc{%s})" $selector) (eq .component "prefill") -}}
+apiVersion: keda.sh/v1alpha1
+kind: ScaledObject
+metadata:
+  name: {{ $name }}
+  labels:
+    {{- include "splitserve.labels" . | nindent 4 }}
+spec:
+  scaleTargetRef:
+    name: {{ $name }}
+  minReplicaCount: {{ int $k.minReplicas }}
+  maxReplicaCount: {{ int $k.maxReplicas }}
+  pollingInterval: {{ int $k.pollingInterval }}
+  cooldownPeriod: {{ int $k.cooldownPeriod }}
+  triggers:
+    - type: prometheus
+      metadata:
+        serverAddress: {{ required (printf "%s.keda.serverAddress is required when %s.keda.enabled" .component .component) $k.serverAddress | quote }}
+        query: {{ default $default $k.query | quote }}
+        threshold: {{ $k.threshold | quote }}
 {{- end -}}
