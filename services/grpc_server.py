@@ -38,6 +38,13 @@ class ServiceHost:
             # and the kernel would split connections between the two. Off, binding fails.
             ("grpc.so_reuseport", 0),
         ]
+        if max_concurrent_rpcs is not None:
+            # Calls that arrived but that grpcio has not yet picked up wait in gRPC core's pending
+            # queue; past its soft limit (1000 by default) core cancels some at random, and the
+            # client sees CANCELLED, which it rarely retries. Room for a burst of several times the
+            # limit (10k at least) lets each call reach grpcio, which answers RESOURCE_EXHAUSTED.
+            max_pending = max(4 * max_concurrent_rpcs, 10_000)
+            options += [("grpc.server.max_pending_requests", max_pending), ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending)]
         self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

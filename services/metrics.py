@@ -45,6 +45,9 @@ class ServiceMetrics:
         self.kv_bytes = Counter("splitserve_kv_transfer_bytes", "KV bytes moved between workers", ["role"], registry=r)
         self.routing = Counter("splitserve_routing_decisions", "Routing decisions by pool, policy and reason", ["role", "policy", "reason"], registry=r)
         self.kv_seconds = Histogram("splitserve_kv_transfer_seconds", "KV transfer time", ["role"], buckets=LATENCY_BUCKETS, registry=r)
+        self.kv_peer_gbps = Gauge(
+            "splitserve_kv_peer_bandwidth_gbps", "GB/s of the handshake's timed read from a KV peer", ["role", "peer", "path"], registry=r
+        )
 
     def outcome(self, outcome: str) -> None:
         self.requests.labels(self.role, outcome).inc()

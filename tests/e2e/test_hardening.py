@@ -286,7 +286,8 @@ def test_a_burst_past_max_inflight_gets_only_resource_exhausted(cluster):
         finally:
             await client.close()
 
-    codes = asyncio.run(burst(600))
+    # Over 1000 at once: past gRPC core's default pending-call limit, where it used to cancel some.
+    codes = asyncio.run(burst(1200))
     assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, {c: codes.count(c) for c in set(codes)}
     text = httpx.get(f"http://127.0.0.1:{cluster.router.metrics_port}/metrics").text
     assert 'kind="queue_full"' in text
