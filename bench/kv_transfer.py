@@ -1,7 +1,8 @@
 """KV transfer bandwidth and latency between two processes through splitserve.kvtransfer.
 
 The initiator (this process, the decode side) reads blocks from, or writes blocks to, a
-target process (the prefill side) over NIXL/UCX, for each number of blocks, block size,
+target process (the prefill side) over the path the agent chose for it (CUDA IPC between
+GPUs of one host, NIXL/UCX otherwise; --cuda-ipc off forces NIXL), for each number of blocks, block size,
 layout and operation, and measures a plain torch copy of the same bytes in the same run as
 the ceiling: a host memcpy with --device cpu, a GPU-to-GPU copy with --device cuda (cuda:1
 to cuda:0 when there are two GPUs, within cuda:0 otherwise).
@@ -36,6 +37,7 @@ LAYOUTS = ("block_major", "block_major_scattered", "layer_major")
 class Row:
     layout: str
     op: str
+    path: str  # cuda_ipc or nixl (WRITEs always go over NIXL)
     block_size: int
     num_blocks: int
     num_bytes: int
@@ -127,9 +129,10 @@ def run(args) -> list[Row]:
             kv = _cache(layout, num_cache_blocks, local_dev)
             _fill(kv)
             src = _cache(layout, num_cache_blocks, remote_dev)  # ceiling: a second buffer
-            with KVTransferAgent(f"initiator-bs{block_size}", kv, layout) as agent:
+            with KVTransferAgent(f"initiator-bs{block_size}", kv, layout, cuda_ipc=args.cuda_ipc == "on") as agent:
                 peer = f"target-bs{block_size}"
                 agent.add_peer(peer, peer_metadata, layout)
+                print(f"# reads from {peer} go over {agent.path(peer)}", flush=True)
                 for n in args.blocks:
                     ceiling_s = _ceiling(src, kv, n, args)
                     for layout_name in args.layouts:
@@ -164,7 +167,8 @@ def _measure(agent, peer, layout, layout_name, op, n, num_cache_blocks, ceiling_
     p90 = sorted(times)[int(0.9 * (len(times) - 1))]
     num_bytes = n * layout.block_bytes
     gbps, ceiling = num_bytes / p50 / 1e9, num_bytes / ceiling_s / 1e9
-    return Row(layout_name, op, layout.block_size, n, num_bytes, num_descriptors,
+    path = agent.path(peer) if op == "READ" else "nixl"
+    return Row(layout_name, op, path, layout.block_size, n, num_bytes, num_descriptors,
                round(p50 * 1e3, 4), round(p90 * 1e3, 4), round(gbps, 3), round(ceiling, 3),
                round(gbps / ceiling, 3))
 
@@ -179,12 +183,12 @@ def _check_landed(agent: KVTransferAgent, peer: str, kv: torch.Tensor, timeout: 
             raise RuntimeError(f"block {src} did not land in block {dst}")
 
 
-HEADER = (f"{'layout':<22} {'op':<5} {'bs':>4} {'blocks':>6} {'MiB':>8} {'descs':>6} "
+HEADER = (f"{'layout':<22} {'op':<5} {'path':<8} {'bs':>4} {'blocks':>6} {'MiB':>8} {'descs':>6} "
           f"{'p50 ms':>9} {'p90 ms':>9} {'GB/s':>8} {'copy GB/s':>9} {'ratio':>6}")
 
 
 def _format(r: Row) -> str:
-    return (f"{r.layout:<22} {r.op:<5} {r.block_size:>4} {r.num_blocks:>6} "
+    return (f"{r.layout:<22} {r.op:<5} {r.path:<8} {r.block_size:>4} {r.num_blocks:>6} "
             f"{r.num_bytes / 2**20:>8.2f} {r.num_descriptors:>6} {r.latency_p50_ms:>9.3f} "
             f"{r.latency_p90_ms:>9.3f} {r.gbps:>8.2f} {r.ceiling_gbps:>9.2f} {r.ratio:>6.2f}")
 
@@ -223,6 +227,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--timeout", type=float, default=30.0, help="per transfer, seconds")
+    p.add_argument("--cuda-ipc", choices=("on", "off"), default="on",
+                   help="off: reads between GPUs of this host go over NIXL/UCX too (the path before CUDA IPC)")
     p.add_argument("--out", help="write the rows and the run's details here as JSON")
     args = p.parse_args()
     unknown = set(args.layouts) - set(LAYOUTS)

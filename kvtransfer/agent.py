@@ -1,4 +1,8 @@
-"""A worker's NIXL agent over its KV cache: peers, block reads and writes, notifications."""
+"""A worker's transfer agent over its KV cache: peers, block reads and writes, notifications.
+
+Each peer gets its path at ``add_peer``: CUDA IPC for a GPU of this host, NIXL otherwise
+(``kvtransfer.paths``). Reads go the peer's path; writes and notifications always use NIXL.
+"""
 from __future__ import annotations
 
 import logging
@@ -10,6 +14,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from splitserve.kvtransfer import cuda_ipc
+from splitserve.kvtransfer.cuda_ipc import IpcCopies
 from splitserve.kvtransfer.descriptors import HeadSlice, Span, check_block_ids, coalesce, head_slice_spans, runs_to_spans
 from splitserve.kvtransfer.errors import (
     BadMetadataError,
@@ -20,10 +26,13 @@ from splitserve.kvtransfer.errors import (
 )
 from splitserve.kvtransfer.layout import BLOCK_MAJOR, KVLayout, block_bytes
 from splitserve.kvtransfer.metadata import AgentMetadata, CacheRegion
+from splitserve.kvtransfer.paths import CUDA_IPC, NIXL, choose_path
 from splitserve.kvtransfer.progress import progress_thread_delay
 from splitserve.kvtransfer.transfer import PendingTransfer, TransferResult
 
 logger = logging.getLogger(__name__)
+
+PROBE_BYTES = 16 * 1024 * 1024  # the handshake's timed read: long enough to see a slow path, short on a fast one
 
 
 class Notification(NamedTuple):
@@ -36,6 +45,9 @@ class _Peer:
     region: CacheRegion
     layout: KVLayout
     metadata: bytes  # exactly as received: identical bytes mean the same incarnation
+    path: str  # CUDA_IPC or NIXL, for reads
+    same_host: bool
+    ipc_cache: torch.Tensor | None = None  # CUDA_IPC: the peer's cache, opened here, flat uint8
 
 
 class KVTransferAgent:
@@ -53,7 +65,7 @@ class KVTransferAgent:
     """
 
     def __init__(
-        self, name: str, kv_cache: torch.Tensor, layout: KVLayout, *, backend: str = "UCX"
+        self, name: str, kv_cache: torch.Tensor, layout: KVLayout, *, backend: str = "UCX", cuda_ipc: bool = True
     ) -> None:
         from nixl._api import nixl_agent, nixl_agent_config  # heavy import, only when used
 
@@ -81,15 +93,23 @@ class KVTransferAgent:
             num_blocks=kv_cache.shape[0],
             block_bytes=block_bytes(kv_cache),
         )
+        # The probe's destination: a read must never land in blocks the engine may be using.
+        self._scratch = torch.empty(PROBE_BYTES, dtype=torch.uint8, device=kv_cache.device)
+        with translate_nixl_errors("registering the probe buffer", name):
+            self._scratch_registration = self._nixl.register_memory(self._scratch)
+        self._scratch_region = CacheRegion(self.region.mem_type, self.region.device_id, self._scratch.data_ptr(), 1, PROBE_BYTES)
+        self._export = _export(kv_cache) if cuda_ipc else None
+        self._flat = kv_cache.view(-1).view(torch.uint8)  # the IPC path's copies address bytes
+        self._stream: torch.cuda.Stream | None = None  # the IPC path's copies, off the engine's stream
         self._peers: dict[str, _Peer] = {}
-        self._given_up: list[PendingTransfer] = []  # timed out, not yet settled
+        self._given_up: list[PendingTransfer | IpcCopies] = []  # timed out, not yet settled
         self._reclaimable: list[int] = []  # local blocks whose given-up READ is over
 
     # -- peers ---------------------------------------------------------------------------
 
     def metadata(self) -> bytes:
         """What a peer passes to ``add_peer`` (proto ``TransferMetadata.agent_metadata``)."""
-        return AgentMetadata(self.region, self._agent.get_agent_metadata()).encode()
+        return AgentMetadata(self.region, self._agent.get_agent_metadata(), self._export).encode()
 
     def add_peer(self, peer_name: str, metadata: bytes, peer_layout: KVLayout) -> None:
         """Makes ``peer_name`` reachable. Refuses an incompatible layout before touching NIXL.
@@ -117,14 +137,48 @@ class KVTransferAgent:
         if loaded != peer_name:
             self._agent.remove_remote_agent(loaded)
             raise BadMetadataError(f"metadata for peer {peer_name!r} names agent {loaded!r}")
-        self._peers[peer_name] = _Peer(decoded.region, peer_layout, bytes(metadata))
+        path, ipc_cache = self._open_path(peer_name, decoded)
+        same_host = decoded.ipc is not None and self._export is not None and decoded.ipc.host_id == self._export.host_id
+        self._peers[peer_name] = _Peer(decoded.region, peer_layout, bytes(metadata), path, same_host, ipc_cache)
+        logger.info("peer %r added: reads over %s", peer_name, path)
+
+    def path(self, peer_name: str) -> str:
+        """How reads from this peer move: ``paths.CUDA_IPC`` or ``paths.NIXL``."""
+        return self._peer(peer_name).path
+
+    def peer_region(self, peer_name: str) -> CacheRegion:
+        return self._peer(peer_name).region
+
+    def same_host(self, peer_name: str) -> bool:
+        """Whether the peer is known to run on this host (both sides on GPUs: known by boot id)."""
+        return self._peer(peer_name).same_host
+
+    async def probe(self, peer_name: str, timeout: float) -> TransferResult:
+        """Times a read of up to PROBE_BYTES of the peer's cache into a scratch buffer of ours
+        (after one untimed read that sets the path up), for the handshake's bandwidth check.
+        Each read has ``timeout``; one that misses it raises TransferTimeoutError."""
+        remote = self._peer(peer_name).region
+        spans = [Span(0, 0, min(PROBE_BYTES, remote.num_bytes))]
+        await self._post("READ", peer_name, spans, (), b"", time.perf_counter(), scratch=True).wait_async(timeout)
+        return await self._post("READ", peer_name, spans, (), b"", time.perf_counter(), scratch=True).wait_async(timeout)
+
+    def _open_path(self, peer_name: str, decoded: AgentMetadata) -> tuple[str, torch.Tensor | None]:
+        path = choose_path(self.region, self._export, decoded.region, decoded.ipc, cuda_ipc.local_device_of)
+        if path != CUDA_IPC:
+            return path, None
+        try:
+            return path, cuda_ipc.import_cache(decoded.ipc, cuda_ipc.local_device_of(decoded.ipc.device_uuid))
+        except (RuntimeError, OSError) as e:
+            logger.warning("peer %r is on this host but its CUDA IPC handle cannot be opened here (%s): reads go over NIXL", peer_name, e)
+            return NIXL, None
 
     def remove_peer(self, peer_name: str) -> None:
         """Forgets a peer whose process is gone. Its given-up transfers are settled: their
         local blocks come back from the next ``reclaim()``."""
         if self._peers.pop(peer_name, None) is None:
             raise UnknownPeerError(f"peer {peer_name!r} is not known")
-        for transfer in [t for t in self._given_up if t.peer == peer_name]:
+        # A given-up IPC copy still runs on our GPU: it settles when its event passes, not now.
+        for transfer in [t for t in self._given_up if t.peer == peer_name and not isinstance(t, IpcCopies)]:
             self._given_up.remove(transfer)
             transfer.release()
             self._settled(transfer)
@@ -214,6 +268,9 @@ class KVTransferAgent:
         for transfer in self._given_up:
             transfer.release()
         self._given_up.clear()
+        if self._stream is not None:
+            self._stream.synchronize()  # no copy may outlive the caches it writes
+        self._nixl.deregister_memory(self._scratch_registration)
         self._nixl.deregister_memory(self._registration)
         # The agent (and its threads) is destroyed with its last reference.
         self._nixl = None
@@ -256,12 +313,23 @@ class KVTransferAgent:
 
     def _post(
         self, op: str, peer: str, spans: list[Span], local_block_ids: tuple[int, ...],
-        notify: bytes, started_at: float,
-    ) -> PendingTransfer:
+        notify: bytes, started_at: float, *, scratch: bool = False,
+    ) -> PendingTransfer | IpcCopies:
+        """``scratch``: the local side is the probe buffer, not the cache."""
         if op not in ("READ", "WRITE"):
             raise ValueError(f"op must be 'READ' or 'WRITE', got {op!r}")
-        remote = self._peer(peer).region
-        local_descs = self._descs(self.region, [(s.local_offset, s.length) for s in spans])
+        known = self._peer(peer)
+        remote = known.region
+        local = self._scratch_region if scratch else self.region
+        if known.path == CUDA_IPC and op == "READ":
+            # Checked like NIXL's descriptors: the copy engine would write wherever it is told.
+            _check_ranges(local, [(s.local_offset, s.length) for s in spans])
+            _check_ranges(remote, [(s.remote_offset, s.length) for s in spans])
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self._flat.device)
+            return IpcCopies(known.ipc_cache, self._scratch if scratch else self._flat, spans, self._stream, peer=peer,
+                             local_block_ids=local_block_ids, started_at=started_at, on_abandon=self._given_up.append)
+        local_descs = self._descs(local, [(s.local_offset, s.length) for s in spans])
         remote_descs = self._descs(remote, [(s.remote_offset, s.length) for s in spans])
         with translate_nixl_errors(f"creating {op}", peer):
             handle = self._agent.initialize_xfer(op, local_descs, remote_descs, peer, notify)
@@ -275,9 +343,7 @@ class KVTransferAgent:
 
     def _descs(self, region: CacheRegion, ranges: list[tuple[int, int]]) -> object:
         # [num_descriptors, 3]: (address, length, device id), as NIXL takes them.
-        rows = np.array(ranges, dtype=np.uint64).reshape(-1, 2)
-        if rows.size and int((rows[:, 0] + rows[:, 1]).max()) > region.num_bytes:
-            raise InvalidBlocksError(f"a span ends past the {region.num_bytes}-byte cache")
+        rows = _check_ranges(region, ranges)
         table = np.empty((len(rows), 3), dtype=np.uint64)
         table[:, 0] = rows[:, 0] + np.uint64(region.base_addr)
         table[:, 1] = rows[:, 1]
@@ -293,6 +359,22 @@ class KVTransferAgent:
         except KeyError:
             raise UnknownPeerError(f"peer {peer!r} is not known; add_peer() it first") from None
 
-    def _settled(self, transfer: PendingTransfer) -> None:
+    def _settled(self, transfer: PendingTransfer | IpcCopies) -> None:
         if transfer.op == "READ":
             self._reclaimable.extend(transfer.local_block_ids)
+
+
+def _export(kv_cache: torch.Tensor) -> cuda_ipc.IpcExport | None:
+    try:
+        return cuda_ipc.export_cache(kv_cache)
+    except RuntimeError as e:  # e.g. memory from an allocator that cannot be shared: NIXL only
+        logger.warning("the KV cache cannot be exported for CUDA IPC (%s): same-host peers read it over NIXL", e)
+        return None
+
+
+def _check_ranges(region: CacheRegion, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """[num_ranges, 2] (offset, length), once none ends past the region."""
+    rows = np.array(ranges, dtype=np.uint64).reshape(-1, 2)
+    if rows.size and int((rows[:, 0] + rows[:, 1]).max()) > region.num_bytes:
+        raise InvalidBlocksError(f"a span ends past the {region.num_bytes}-byte cache")
+    return rows

@@ -25,7 +25,7 @@ _SPIN_S = 5e-3
 _MAX_SLEEP_S = 2e-3
 
 
-def _pause(elapsed: float) -> float:
+def pause(elapsed: float) -> float:
     return 0.0 if elapsed < _SPIN_S else min(elapsed / 20, _MAX_SLEEP_S)
 
 
@@ -41,7 +41,41 @@ class TransferResult:
     seconds: float
 
 
-class PendingTransfer:
+class Waiting:
+    """Waiting with a deadline for a posted transfer of either path: ``poll()`` says whether it
+    is done, ``_give_up`` raises at the deadline (counted from ``started_at``)."""
+
+    started_at: float
+
+    def poll(self) -> bool:
+        raise NotImplementedError
+
+    def _give_up(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def _result(self) -> TransferResult:
+        raise NotImplementedError
+
+    def wait(self, timeout: float) -> TransferResult:
+        while not self.poll():
+            elapsed = time.perf_counter() - self.started_at
+            if elapsed >= timeout:
+                self._give_up(timeout)
+            delay = pause(elapsed)
+            if delay:
+                time.sleep(delay)
+        return self._result()
+
+    async def wait_async(self, timeout: float) -> TransferResult:
+        while not self.poll():
+            elapsed = time.perf_counter() - self.started_at
+            if elapsed >= timeout:
+                self._give_up(timeout)
+            await asyncio.sleep(pause(elapsed))  # 0: only yields to the event loop
+        return self._result()
+
+
+class PendingTransfer(Waiting):
     """A transfer NIXL has accepted. ``wait``/``wait_async`` return its result or raise;
     at the deadline the transfer is handed to ``on_abandon`` (the agent parks it until
     NIXL says it is over, because releasing a handle does not stop the peer's copy)."""
@@ -85,24 +119,6 @@ class PendingTransfer:
             return self.poll()
         except KVTransferError:
             return True
-
-    def wait(self, timeout: float) -> TransferResult:
-        while not self.poll():
-            elapsed = time.perf_counter() - self.started_at
-            if elapsed >= timeout:
-                self._give_up(timeout)
-            pause = _pause(elapsed)
-            if pause:
-                time.sleep(pause)
-        return self._result()
-
-    async def wait_async(self, timeout: float) -> TransferResult:
-        while not self.poll():
-            elapsed = time.perf_counter() - self.started_at
-            if elapsed >= timeout:
-                self._give_up(timeout)
-            await asyncio.sleep(_pause(elapsed))  # 0: only yields to the event loop
-        return self._result()
 
     def release(self) -> None:
         """Frees NIXL's request handle; never raises (a failed release is only logged)."""

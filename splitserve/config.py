@@ -131,12 +131,20 @@ class TransferConfig:
     mode: str = "read"  # "read": decode pulls; "write": prefill pushes
     lease_seconds: float = 30.0  # prefill holds finished blocks this long unless renewed
     transfer_timeout_seconds: float = 10.0  # per transfer; NIXL never times out by itself
+    # The handshake times a read from each prefill peer; below this many GB/s the peer is
+    # refused (its requests are prefilled here). 0: only logged, and warned about when slow.
+    min_peer_gbps: float = 0.0
+    # After a failed transfer a peer is backed off this long (then probed), doubling per failed probe.
+    peer_backoff_seconds: float = 5.0
+    max_peer_backoff_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         if self.mode not in ("read", "write"):
             raise ConfigError(f"transfer mode must be 'read' or 'write', got {self.mode!r}")
         if self.lease_seconds <= 0 or self.transfer_timeout_seconds <= 0:
             raise ConfigError("lease_seconds and transfer_timeout_seconds must be positive")
+        if self.min_peer_gbps < 0 or self.peer_backoff_seconds <= 0 or self.max_peer_backoff_seconds <= 0:
+            raise ConfigError("min_peer_gbps must be >= 0 and the peer backoffs positive")
 
 
 @dataclass(frozen=True)

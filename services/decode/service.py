@@ -9,6 +9,8 @@ import grpc
 
 from splitserve.engine.scheduler import KVLoad, RemoteKV
 from splitserve.kvtransfer import KVTransferError, PeerDisconnectedError, TransferTimeoutError
+from splitserve.kvtransfer.breaker import PeerBreaker
+from splitserve.kvtransfer.paths import SLOW_VRAM_GBPS, slow_path_cause
 from splitserve.parallel import RankFailedError
 from splitserve.services.convert import token_logprob_from_proto
 from splitserve.services.decode.session import RouterSession
@@ -31,6 +33,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self._handles: dict[str, worker_pb.KVHandle] = {}  # request id -> where its KV is
         self._handshakes: dict[str, asyncio.Future] = {}  # agent name -> peer added
         self._channels: dict[str, grpc.aio.Channel] = {}
+        t = self.transfer
+        # A probe's outcome arrives within its transfer's deadline; past twice that it was lost.
+        self.breaker = PeerBreaker(t.peer_backoff_seconds, t.max_peer_backoff_seconds, 2 * t.transfer_timeout_seconds + 5.0)
         self.peers = ListedPeers(runtime.control_plane)  # the only prefill workers this one dials
         self.num_kv_transfers = 0
         self.num_kv_bytes = 0
@@ -63,13 +68,19 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             log.warning("refusing KV of %s: %s at %s is not a listed prefill worker; prefilling locally", request_id, kv.worker_id, kv.address)
             self.runtime.metrics.error("kv_peer_unlisted")
             kv = None
+        if kv is not None and not self.breaker.allow(kv.agent_name):
+            # Backed off after a failed transfer: no request waits out its timeouts until a probe succeeds.
+            self.runtime.metrics.error("kv_peer_backed_off")
+            asyncio.ensure_future(self._release_remote(kv, request_id))
+            kv = None
         if kv is not None:
             try:
                 await self._ensure_peer(kv)
             except (KVTransferError, grpc.aio.AioRpcError) as e:
-                # An incompatible or unreachable peer: refuse its KV, compute the prompt here instead.
+                # An incompatible, unreachable or too slow peer: refuse its KV, compute the prompt here instead.
                 log.warning("refusing KV of %s from %s, prefilling locally: %s", request_id, kv.worker_id, _describe(e))
                 self.runtime.metrics.error("kv_peer_refused")
+                self._back_off(kv, e)
                 asyncio.ensure_future(self._release_remote(kv, request_id))
                 kv = None
             if not still_wanted():
@@ -133,9 +144,45 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         kv_group = self.runtime.kv
         # Earlier incarnations of the same worker are gone: forget them.
         for old in [p for p in kv_group.peers if kv_group.peer(p).worker_id == meta.worker_id and p != meta.agent_name]:
-            await kv_group.remove_peer(old)
+            await self._drop_peer(old)
         # Every local rank adds the prefill ranks holding its KV heads; the TP sizes may differ.
         await kv_group.add_peer(peer_from_proto(meta), timeout=self.transfer.transfer_timeout_seconds)
+        try:
+            await self._check_path(kv, meta.agent_name)
+        except BaseException:
+            await self._drop_peer(meta.agent_name)
+            raise
+
+    async def _check_path(self, kv: worker_pb.KVHandle, agent_name: str) -> None:
+        """Times a small read from the new peer; a path far below the hardware is a warning, and
+        below ``min_peer_gbps`` the peer is refused (its requests are prefilled here)."""
+        result, path, same_host = await self.runtime.kv.probe(agent_name, self.transfer.transfer_timeout_seconds)
+        gbps = result.num_bytes / max(result.seconds, 1e-9) / 1e9
+        self.runtime.metrics.kv_peer_gbps.labels("decode", kv.worker_id, path).set(gbps)
+        ours, theirs = self.runtime.agent.region, self.runtime.agent.peer_region(agent_name)
+        cause = slow_path_cause(path, ours, theirs, same_host) if gbps < SLOW_VRAM_GBPS else None
+        log.info("KV peer %s (%s) reads over %s: %.2f GB/s (%d bytes in %.2f ms)", kv.worker_id, agent_name, path, gbps,
+                 result.num_bytes, 1e3 * result.seconds)
+        if cause is not None:
+            log.warning("KV reads from %s move %.2f GB/s over %s, far below what GPUs move: %s", kv.worker_id, gbps, path, cause)
+            self.runtime.metrics.error("kv_path_slow")
+        if gbps < self.transfer.min_peer_gbps:
+            raise KVTransferError(
+                f"peer {kv.worker_id} reads at {gbps:.2f} GB/s over {path}, below --min-kv-gbps {self.transfer.min_peer_gbps:g}"
+                + (f" ({cause})" if cause else "")
+            )
+
+    def _back_off(self, kv: worker_pb.KVHandle, error: Exception) -> None:
+        seconds = self.breaker.failed(kv.agent_name)
+        if seconds is not None:
+            log.warning("backing off KV peer %s for %.1fs (its requests are prefilled here, then one probes it): %s",
+                        kv.worker_id, seconds, _describe(error))
+
+    async def _drop_peer(self, agent_name: str) -> None:
+        """Forgets a peer and its finished handshake, so that its next request handshakes afresh
+        (a cached handshake would skip that, and every read would then find no such peer)."""
+        self._handshakes.pop(agent_name, None)
+        await self.runtime.kv.remove_peer(agent_name)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
@@ -147,6 +194,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         kv = self._handles.pop(load.request_id, None)
         if kv is None:
             self.runtime.loop.finish_kv_load(load.request_id, False)
+            return
+        if self.breaker.is_open(kv.agent_name):  # it failed since this request was admitted
+            self._transfer_failed(load, kv, KVTransferError(f"peer {kv.worker_id} is backed off"))
             return
         kv_group, start = self.runtime.kv, time.perf_counter()
         renewer = asyncio.ensure_future(self._renew_lease(kv, load.request_id))
@@ -164,7 +214,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             return
         except (KVTransferError, RankFailedError) as e:
             if isinstance(e, PeerDisconnectedError) and kv.agent_name in kv_group.peers:
-                await kv_group.remove_peer(kv.agent_name)
+                await self._drop_peer(kv.agent_name)
             self._transfer_failed(load, kv, e)
             return
         except Exception as e:  # a bug: still report back, or the request would wait forever
@@ -173,7 +223,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             return
         finally:
             renewer.cancel()
-        if not result.notified:  # several READs: none of them alone tells the prefill worker it may let go
+        self.breaker.succeeded(kv.agent_name)
+        if not result.notified:  # several READs, or CUDA IPC: no READ's end tells the prefill worker it may let go
             asyncio.ensure_future(self._release_remote(kv, load.request_id))
         self.num_kv_transfers += 1
         self.num_kv_bytes += result.num_bytes
@@ -184,6 +235,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     def _transfer_failed(self, load: KVLoad, kv, error: Exception, quarantine: frozenset[int] = frozenset()) -> None:
         """The request is prefilled here instead; the prefill side is told to let go."""
         log.warning("KV transfer for %s from %s failed (%s); prefilling locally", load.request_id, kv.worker_id, error)
+        self._back_off(kv, error)
         self.num_transfer_failures += 1
         self.runtime.metrics.error("kv_transfer_failed")
         self.num_local_prefills += 1

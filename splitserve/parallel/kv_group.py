@@ -23,10 +23,12 @@ from splitserve.kvtransfer import (
     KVTransferError,
     PeerDisconnectedError,
     TransferFailedError,
+    TransferResult,
     TransferTimeoutError,
     UnknownPeerError,
 )
 from splitserve.kvtransfer.layout import plan_head_slices
+from splitserve.kvtransfer.paths import NIXL
 from splitserve.parallel import protocol as p
 from splitserve.parallel.group import RankFailedError
 from splitserve.parallel.kv_reads import DISCONNECTED, OK, ReadOutcome, SliceRead, read_slices
@@ -128,6 +130,12 @@ class KVGroup:
                     )
         self._plans[peer.name] = _Plan(peer, reads)
 
+    async def probe(self, name: str, timeout: float) -> tuple[TransferResult, str, bool]:
+        """Times a read from the peer's rank 0 by ours (the pair every layout has: rank 0
+        holds head 0 on both sides); returns it, the path it took and whether that peer is
+        known to be on this host."""
+        return await self.agent.probe(name, timeout), self.agent.path(name), self.agent.same_host(name)
+
     async def remove_peer(self, name: str, timeout: float = 10.0) -> None:
         """Forgets a peer worker on every rank (its process is gone or restarted)."""
         plan = self._plans.pop(name, None)
@@ -156,7 +164,8 @@ class KVGroup:
         plan = self._plans.get(peer)
         if plan is None:
             raise UnknownPeerError(f"peer {peer!r} is not known; add_peer() it first")
-        notified = plan.num_reads == 1 and plan.reads[0][0].heads.remote_rank == 0
+        # CUDA IPC copies notify no one: the prefill worker is then told by the caller's release.
+        notified = plan.num_reads == 1 and plan.reads[0][0].heads.remote_rank == 0 and self.agent.path(plan.reads[0][0].peer) == NIXL
         note = notify if notified else b""
         followers = [
             self._ask(

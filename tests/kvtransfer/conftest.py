@@ -32,8 +32,8 @@ def start_peer() -> Iterator:
     """start_peer(name, seed) -> PeerProcess; every peer is killed at teardown."""
     started: list[PeerProcess] = []
 
-    def start(name: str, seed: int = 1) -> PeerProcess:
-        peer = PeerProcess(name, seed)
+    def start(name: str, seed: int = 1, device: str = "cpu") -> PeerProcess:
+        peer = PeerProcess(name, seed, device)
         started.append(peer)
         return peer
 

@@ -62,9 +62,9 @@ class Pump:
     timeout: float
 
 
-def _serve(name: str, seed: int, conn) -> None:  # runs in the child
+def _serve(name: str, seed: int, conn, device: str = "cpu") -> None:  # runs in the child
     logging.getLogger("nixl").setLevel(logging.WARNING)  # NIXL logs INFO to stdout
-    kv = kv_pattern(seed) if seed else torch.zeros_like(kv_pattern(1))
+    kv = (kv_pattern(seed) if seed else torch.zeros_like(kv_pattern(1))).to(device)
     agent = KVTransferAgent(name, kv, LAYOUT)
     leases = LeaseTable()
     conn.send((agent.metadata(), os.getpid()))
@@ -83,7 +83,7 @@ def _handle(cmd: object, agent: KVTransferAgent, leases: LeaseTable, kv: torch.T
     if isinstance(cmd, AddPeer):
         return agent.add_peer(cmd.name, cmd.metadata, cmd.layout)
     if isinstance(cmd, GetBlocks):
-        return kv[cmd.block_ids].clone()
+        return kv[cmd.block_ids].cpu()
     if isinstance(cmd, Grant):
         return leases.grant(cmd.request_id, cmd.block_ids, cmd.ttl).expires_at
     if isinstance(cmd, Pump):
@@ -103,13 +103,13 @@ def _handle(cmd: object, agent: KVTransferAgent, leases: LeaseTable, kv: torch.T
 class PeerProcess:
     """Handle on a peer process: its agent name, metadata, and signals."""
 
-    def __init__(self, name: str, seed: int) -> None:
+    def __init__(self, name: str, seed: int, device: str = "cpu") -> None:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["kv_peer", "nixl._api"])  # no effect once it runs
         self.name = name
         self.seed = seed
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(name, seed, child), daemon=True)
+        self.process = ctx.Process(target=_serve, args=(name, seed, child, device), daemon=True)
         self.process.start()
         child.close()
         if not self._conn.poll(60):
