@@ -50,6 +50,10 @@ def _add_worker(p: argparse.ArgumentParser, port: int, metrics_port: int) -> Non
     _add_control_plane_password(p)
     p.add_argument("--lease-seconds", type=positive_float, default=30.0)
     p.add_argument("--transfer-timeout", type=positive_float, default=10.0)
+    p.add_argument("--min-kv-gbps", type=non_negative_float, default=0.0,
+                   help="decode: refuse a prefill peer whose handshake read is slower than this many GB/s (its requests are prefilled here); 0: only log it")
+    p.add_argument("--kv-peer-backoff", type=positive_float, default=5.0,
+                   help="decode: seconds a prefill peer is backed off after a failed transfer before one request probes it (doubles per failed probe, up to 60)")
     tls = p.add_argument_group("TLS (docs/security.md)")
     tls.add_argument("--tls-cert", type=Path, default=None, help="certificate (PEM) this worker serves with and presents to its peers")
     tls.add_argument("--tls-key", type=Path, default=None, help="its private key (PEM)")
@@ -331,7 +335,10 @@ def _run_worker(args) -> int:
         worker_id=worker_id,
         address=args.advertise_address or f"{args.host}:{args.port}",
         engine=engine,
-        transfer=TransferConfig(lease_seconds=args.lease_seconds, transfer_timeout_seconds=args.transfer_timeout),
+        transfer=TransferConfig(
+            lease_seconds=args.lease_seconds, transfer_timeout_seconds=args.transfer_timeout, min_peer_gbps=args.min_kv_gbps,
+            peer_backoff_seconds=args.kv_peer_backoff, max_peer_backoff_seconds=max(60.0, args.kv_peer_backoff),
+        ),
         control_plane_url=_control_plane_url(args),
     )
     listen = Listen(args.host, args.port, None if args.metrics_port < 0 else args.metrics_port, args.drain_seconds)
