@@ -22,7 +22,11 @@ from splitserve.sim.workload import WorkloadSpec
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splitserve sim", description=__doc__.split("\n\n")[0])
-    p.add_argument("--layout", required=True, help="NPMD (N prefill + M decode workers) or NC (N colocated engines), e.g. 1P1D, 3P1D, 2C")
+    p.add_argument("--layout", default=None, help="NPMD (N prefill + M decode workers) or NC (N colocated engines), e.g. 1P1D, 3P1D, 2C")
+    p.add_argument("--plan-gpus", type=int, default=None,
+                   help="instead of --layout: rank every layout of this many GPUs (colocated, each P:D split, and adaptive) "
+                   "by its best goodput over --request-rate at --goodput's SLOs")
+    p.add_argument("--seconds-per-rate", type=float, default=10.0, help="with --plan-gpus: prompts per rate = rate x this")
     p.add_argument("--profile", type=Path, required=True, help="profile JSON of the decode (and colocated) workers")
     p.add_argument("--prefill-profile", type=Path, default=None, help="profile JSON of the prefill workers (default: --profile)")
     p.add_argument("--placement", choices=("remote", "threshold", "adaptive"), default="remote")
@@ -57,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def layout_from_args(args: argparse.Namespace) -> Layout:
+    if args.plan_gpus is not None:
+        args = argparse.Namespace(**{**vars(args), "layout": f"1P{args.plan_gpus}D", "placement": "adaptive"})
+    elif args.layout is None:
+        raise ValueError("give --layout, or --plan-gpus to compare layouts")
     num_prefill, num_decode = parse_layout(args.layout)
     decode = Profile.load(args.profile)
     prefill = Profile.load(args.prefill_profile) if args.prefill_profile else decode
@@ -91,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.plan_gpus is not None:
+        return _plan(args, layout, specs, slos)
     points = [simulate(layout, spec, percentiles, slos) for spec in specs]
     results = [p.result for p in points]
     for p in points:
@@ -104,6 +114,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = {"command": "splitserve sim " + shlex.join(argv), "simulated": True}
         write_json(args.out / f"{args.label}.json", results_document(config, {"layout": args.layout}, results))
         print(f"wrote {args.out / args.label}.json")
+    return 0
+
+
+def _plan(args: argparse.Namespace, adaptive: Layout, specs: list[WorkloadSpec], slos: dict[str, float]) -> int:
+    from splitserve.sim.plan import rank
+
+    if not slos:
+        print("error: --plan-gpus needs --goodput SLOs", file=sys.stderr)
+        return 2
+    base = replace(adaptive, placement="remote", placement_policy=None)
+    ranked = rank(args.plan_gpus, base, adaptive, specs[0], [s.request_rate for s in specs], args.seconds_per_rate, slos)
+    print(f"{'layout':<20}{'goodput req/s':>15}{'at rate':>9}")
+    for c in ranked:
+        print(f"{c.label:<20}{c.goodput:>15.2f}{c.rate:>9g}")
     return 0
 
 

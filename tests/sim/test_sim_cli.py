@@ -90,3 +90,22 @@ def test_sim_cli_refuses_bad_arguments(tmp_path, capsys, args, message):
 def test_sim_cli_refuses_a_missing_profile(tmp_path, capsys):
     assert cli_main(["sim", "--layout", "1C", "--profile", str(tmp_path / "none.json")]) == 2
     assert "none.json" in capsys.readouterr().err
+
+
+def test_plan_ranks_every_layout_of_the_gpus(tmp_path, capsys):
+    profile = tmp_path / "p.json"
+    make_profile(StepModel(2.0, 0.01, 1e-5, 0.0, 0.05, 1e-7), TransferModel(0.1, 100.0)).save(profile)
+    rc = cli_main(["sim", "--plan-gpus", "3", "--profile", str(profile), "--input-len", "600", "--output-len", "8",
+                   "--request-rate", "20,40", "--seconds-per-rate", "2", "--goodput", "ttft:200", "tpot:20"])
+    assert rc == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert sorted(r[0] for r in rows) == sorted(["3C", "1P2D", "1P2D-adaptive", "2P1D", "2P1D-adaptive"])
+    goodputs = [float(r[1]) for r in rows]
+    assert goodputs == sorted(goodputs, reverse=True) and goodputs[0] > 0
+
+
+def test_plan_needs_slos(tmp_path, capsys):
+    profile = tmp_path / "p.json"
+    make_profile(StepModel(2.0, 0.0, 0.0, 0.0, 0.0, 0.0)).save(profile)
+    assert cli_main(["sim", "--plan-gpus", "2", "--profile", str(profile)]) == 2
+    assert "SLOs" in capsys.readouterr().err
