@@ -29,7 +29,9 @@ from splitserve.sim.worker import EngineLimits
 from splitserve.sim.workload import WorkloadSpec, bench_requests
 
 # Per-GPU request rates, multiplied by the GPU count (past saturation of every layout).
-RATES_PER_GPU = {"prefill_heavy": (2, 3, 4, 5, 6), "decode_heavy": (4, 8, 12, 16), "mixed": (4, 8, 12, 16)}
+RATES_PER_GPU = {"prefill_heavy": (2, 3, 4, 5, 6), "decode_heavy": (6, 10, 14), "mixed": (4, 8, 12)}
+# Prefill workers as shares of N: decode-heavy and mixed work never needs most GPUs prefilling.
+PREFILL_SHARES = {"prefill_heavy": (4, 2, 4 / 3), "decode_heavy": (4, 2), "mixed": (4, 2)}
 SLO_SETS = {"ttft500_tpot25": {"ttft": 500.0, "tpot": 25.0}, "ttft500_tpot15": {"ttft": 500.0, "tpot": 15.0}}
 
 
@@ -41,9 +43,9 @@ def workloads() -> dict:
     return module.WORKLOADS
 
 
-def layouts(n: int) -> list[tuple[str, int, int, str]]:
-    """(name, prefill workers, decode workers, placement)."""
-    splits = sorted({p for p in (n // 4, n // 2, 3 * n // 4) if 1 <= p < n})
+def layouts(n: int, shares: tuple[float, ...]) -> list[tuple[str, int, int, str]]:
+    """(name, prefill workers, decode workers, placement); N/share prefill workers for each share."""
+    splits = sorted({p for p in (int(n / share) for share in shares) if 1 <= p < n})
     out = [(f"{n}C", 0, n, "remote")]
     out += [(f"{p}P{n - p}D", p, n - p, "remote") for p in splits]
     out += [(f"{p}P{n - p}D-adaptive", p, n - p, "adaptive") for p in splits if p <= n // 2]
@@ -64,16 +66,21 @@ def main() -> int:
     placement = PlacementPolicy(profile, profile, PlacementSLO(500.0, 50.0), EngineBudget(args.budget), EngineBudget(args.budget))
     known = workloads()
     args.out.mkdir(parents=True, exist_ok=True)
-    points = []
+    # Each point is appended as it finishes, and a rerun skips the points already there.
+    partial = args.out / "sweep.jsonl"
+    points = [json.loads(line) for line in partial.read_text().splitlines()] if partial.exists() else []
+    done = {(p["workload"], p["layout"], p["rate"]) for p in points}
     for name in args.workloads:
         w = known[name]
         for n in args.gpus:
-            for label, num_prefill, num_decode, how in layouts(n):
+            for label, num_prefill, num_decode, how in layouts(n, PREFILL_SHARES[name]):
                 layout = Layout(num_prefill, num_decode, profile if num_prefill else None, profile, limits,
                                 placement=how, overheads=Overheads(args.dispatch_ms),
                                 placement_policy=placement if how == "adaptive" else None)
                 for per_gpu in RATES_PER_GPU[name]:
                     rate = per_gpu * n
+                    if (name, label, rate) in done:
+                        continue
                     num_prompts = max(w.min_prompts, round(rate * w.seconds_per_point))
                     spec = WorkloadSpec(num_prompts, w.input_len, w.output_len, rate, w.range_ratio, w.prefix_len, w.num_prefixes)
                     started = time.perf_counter()
@@ -87,6 +94,8 @@ def main() -> int:
                     row.update({k: m[k] for k in ("request_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
                                                   "p99_tpot_ms", "p99_itl_ms")})
                     points.append(row)
+                    with partial.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
                     print(f"{name} {label} rate {rate:g}: goodput {row['goodput_ttft500_tpot25']:.2f} "
                           f"(tpot15 {row['goodput_ttft500_tpot15']:.2f}), p99 ITL {row['p99_itl_ms']:.1f} ms "
                           f"[{time.perf_counter() - started:.1f}s]", flush=True)

@@ -109,11 +109,12 @@ class SimWorker:
         for job in self.running:
             if budget <= 0:
                 break
-            n = min(job.num_tokens - job.num_computed, budget)
+            n = min(job.prompt_len + job.num_generated - job.num_computed, budget)
             if n > 0:
                 planned.append((job, n))
                 budget -= n
-        free_blocks = self.limits.num_blocks - self.used_blocks()
+        if self.waiting:  # counting blocks is the costly part of a step: only when admitting
+            free_blocks = self.limits.num_blocks - self.used_blocks()
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
             job = self.waiting[0]
             if job.eligible_step > self.num_steps:
@@ -135,20 +136,23 @@ class SimWorker:
                     job.eligible_step = min(job.eligible_step, self.num_steps)
                 return self.step()
             return None
-        num_tokens = sum(n for _, n in planned)
-        kv_read = sum(j.num_computed + n for j, n in planned)
-        pairs = sum(causal_pairs(n, j.num_computed) for j, n in planned if n > 1)  # decode rows: KV read only
+        num_tokens = kv_read = pairs = 0
+        for job, n in planned:
+            num_tokens += n
+            kv_read += job.num_computed + n
+            if n > 1:  # a prefill chunk; decode rows are priced by their KV read alone
+                pairs += causal_pairs(n, job.num_computed)
         duration = self.model.step_ms(num_tokens, len(planned), kv_read, pairs) / 1e3
         sampled, finished = [], []
         for job, n in planned:
             job.num_computed += n
-            if job.num_computed < job.num_tokens:
+            if job.num_computed < job.prompt_len + job.num_generated:
                 continue  # a prefill chunk short of the prompt's end samples nothing
-            if job.num_computed >= job.prompt_len and job.prefix_id is not None:
+            if job.prefix_id is not None:
                 self.cached_prefixes.add(job.prefix_id)
             job.num_generated += 1
             sampled.append(job)
-            if job.num_tokens >= job.target_tokens:
+            if job.prompt_len + job.num_generated >= job.target_tokens:
                 finished.append(job)
         if finished:
             done = set(map(id, finished))
