@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 from transformers import (
     GenerationConfig,
     LlamaConfig,
@@ -397,14 +398,21 @@ def _write_weights(
     else:
         filenames = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     weight_map = {}
+    # An 8B preset takes minutes: a progress bar on a terminal, nothing in logs (disable=None).
+    progress = tqdm(total=sum(spec.numel for spec in specs) * dtype.itemsize, desc="writing weights", unit="B", unit_scale=True,
+                    disable=None, leave=False)
     for filename, shard in zip(filenames, shards):
-        tensors = {spec.name: _draw(spec, seed, dtype, device) for spec in shard}
+        tensors = {}
+        for spec in shard:
+            tensors[spec.name] = _draw(spec, seed, dtype, device)
+            progress.update(spec.numel * dtype.itemsize)
         save_file(tensors, out / filename, metadata={"format": "pt"})
         del tensors  # before the next shard is drawn: at most one shard is ever in memory
         # safetensors writes through a 0600 temporary file; give shards the mode that
         # config.json got from the umask, so other users (a serving pod) can read them.
         shutil.copymode(out / "config.json", out / filename)
         weight_map.update({spec.name: filename for spec in shard})
+    progress.close()
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(spec.numel for spec in specs) * dtype.itemsize},

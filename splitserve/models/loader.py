@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from splitserve.models.arch import ArchConfig, CheckpointError, load_arch_config
 from splitserve.models.layers import TPGroup
@@ -40,9 +41,14 @@ def load_model(
     model.rope.cos, model.rope.sin = rope.cos.to(device), rope.sin.to(device)
     targets = model.checkpoint_targets()
     loaded: set[str] = set()
-    for path in safetensors_files(model_dir):
+    files = safetensors_files(model_dir)
+    # A progress bar on a terminal only (disable=None), and from the first rank only.
+    progress = tqdm(total=_num_tensors(files), desc=f"loading {model_dir.name}", unit="tensor", disable=None if tp.rank == 0 else True,
+                    leave=False)
+    for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
+                progress.update()
                 for module, shard, is_bias in targets.get(name, []):
                     sl = f.get_slice(name)
                     if hasattr(module, "load_shard"):
@@ -50,6 +56,7 @@ def load_model(
                     else:
                         module.weight.data.copy_(sl[:])
                     loaded.add(f"{id(module)}:{shard}:{is_bias}")
+    progress.close()
     missing = [
         name
         for name, entries in targets.items()
@@ -59,6 +66,14 @@ def load_model(
     if missing:
         raise CheckpointError(f"{model_dir}: checkpoint lacks tensors: {', '.join(sorted(set(missing))[:8])}")
     return model.eval(), cfg
+
+
+def _num_tensors(files: list[Path]) -> int:
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:  # reads the header only
+            total += len(f.keys())
+    return total
 
 
 def _needed(module: torch.nn.Module, is_bias: bool) -> bool:

@@ -64,8 +64,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def up(e2e_model_dir: Path) -> Iterator[tuple[str, dict[str, str], list[str]]]:
-    """(HTTP base URL, role -> metrics URL, the lines `up` printed)."""
+def up(e2e_model_dir: Path) -> Iterator[tuple[str, dict[str, str], list[str], subprocess.Popen]]:
+    """(HTTP base URL, role -> metrics URL, the lines `up` printed, the process)."""
     cmd = [sys.executable, "-m", "splitserve.cli", "up", "--model", str(e2e_model_dir), "--port", str(_free_port()),
            "--http-port", str(_free_port())]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -87,7 +87,7 @@ def up(e2e_model_dir: Path) -> Iterator[tuple[str, dict[str, str], list[str]]]:
         if listening is None:
             pytest.fail(f"splitserve up did not come up:\n{''.join(lines[-40:])}")
         metrics = {m.group(1): m.group(3) for m in map(ENDPOINT.search, lines) if m}
-        yield listening.group(2), metrics, lines
+        yield listening.group(2), metrics, lines, proc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -107,7 +107,7 @@ def total(families: dict, name: str, suffix: str = "") -> float:
 
 
 def test_up_prints_every_endpoint_it_opened(up):
-    _, metrics, lines = up
+    _, metrics, lines, _ = up
     assert set(metrics) == {"router", "prefill", "decode"}, "".join(lines)
     for url in metrics.values():
         assert httpx.get(url, timeout=10).status_code == 200
@@ -116,7 +116,7 @@ def test_up_prints_every_endpoint_it_opened(up):
 
 
 def test_vllm_names_types_and_model_label(up, e2e_model_dir):
-    base_url, metrics, _ = up
+    base_url, metrics, _, _ = up
     model = e2e_model_dir.name
     usage = []
     for _ in range(2):  # the same prompt twice: the second finds its blocks in the prefix cache
@@ -171,3 +171,14 @@ def test_vllm_names_types_and_model_label(up, e2e_model_dir):
         assert 0 <= total(families, "vllm:kv_cache_usage_perc") < 1
         assert total(families, "vllm:request_inference_time_seconds", "_count") == 2
         assert total(families, "vllm:request_inference_time_seconds", "_sum") > 0
+
+
+def test_ctrl_c_stops_it_quietly(up):
+    """Last in this module: Ctrl-C (SIGINT to `up`) drains the workers, then the router, and
+    nobody complains: no warning (a worker that could not deregister), no traceback."""
+    _, _, lines, proc = up
+    seen = len(lines)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0
+    after = "".join(lines[seen:])
+    assert "WARNING" not in after and "Traceback" not in after and "ERROR" not in after, after
