@@ -4,6 +4,7 @@ a particular router (no chat template, no workers, full)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,6 +355,45 @@ def test_chat_default_max_tokens_is_the_rest_of_the_context(stack, client, token
     out = client.chat.completions.create(model=stack.model, messages=messages, extra_body={"ignore_eos": True})
     assert out.usage.prompt_tokens == num_prompt
     assert out.usage.completion_tokens == max_model_len - num_prompt and out.choices[0].finish_reason == "length"
+
+
+def _merged_steps(stack: Stack) -> float:
+    text = httpx.get(f"{stack.base_url.removesuffix('/v1')}/metrics").text
+    return float(re.search(r'^splitserve_router_merged_steps_total\{role="router"\} (\S+)', text, re.M).group(1))
+
+
+def _stream_tokens_per_event(stack: Stack, max_tokens: int, pause: float) -> list[int]:
+    """Streams a completion with logprobs (so every message is an event, text or not) over a raw
+    socket with a small receive buffer, pausing ``pause`` seconds after the first bytes; returns
+    the number of tokens each event carried."""
+    host, port = stack.base_url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
+    body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "temperature": 0, "logprobs": 0}).encode()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        s.connect((host, int(port)))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        data = s.recv(1024)
+        time.sleep(pause)
+        while not data.endswith(b"0\r\n\r\n"):
+            chunk = s.recv(1 << 16)
+            assert chunk, "the server closed the stream early"
+            data += chunk
+    events = [json.loads(line[6:]) for line in data.split(b"\n") if line.startswith(b"data: {")]
+    return [len(e["choices"][0]["logprobs"]["tokens"]) for e in events if e["choices"] and e["choices"][0]["logprobs"]]
+
+
+def test_one_event_per_step_and_merged_steps_for_a_client_that_falls_behind(stack):
+    # A client that keeps up: one token per event (a loaded machine may let the router itself fall
+    # behind now and then, so most, not all).
+    counts = _stream_tokens_per_event(stack, 48, pause=0)
+    assert sum(counts) == 48 and counts.count(1) >= 0.8 * len(counts), counts
+    # A client that stops reading: the server's writes block once the socket buffers are full, the
+    # steps made meanwhile wait in the router and go out together, and the router counts them.
+    before = _merged_steps(stack)
+    counts = _stream_tokens_per_event(stack, 1500, pause=10)
+    assert sum(counts) == 1500 and max(counts) > 1 and len(counts) < 1500
+    assert _merged_steps(stack) - before >= 1500 - len(counts)
 
 
 # In process: refusals that need a router configured just so (nothing reaches a worker in any).
