@@ -165,13 +165,25 @@ class LLMEngine:
     # -- one step ------------------------------------------------------------
 
     def step(self) -> StepResult:
-        start = time.monotonic()
         result = self._step_async() if self.async_scheduling else self._step_sync()
-        self._record(result.outputs, start)
+        self._record(result.outputs)
         return result
 
-    def _step_async(self) -> StepResult:
+    def _schedule(self) -> SchedulerOutput:
         out = self.scheduler.schedule()
+        # A request leaves the queue when first scheduled: to compute, or to load its KV from elsewhere.
+        unscheduled = self._clock.unscheduled
+        if unscheduled:
+            now = time.monotonic()
+            for request_id in [s.request_id for s in out.scheduled] + [load.request_id for load in out.kv_loads]:
+                if request_id in unscheduled:
+                    self._clock.scheduled(request_id, now)
+                    if self.config.cache.enable_prefix_caching:
+                        self.num_prefix_queried_tokens += self.scheduler.requests[request_id].num_prompt_tokens
+        return out
+
+    def _step_async(self) -> StepResult:
+        out = self._schedule()
         previous, self._in_flight = self._in_flight, None
         to_sample = [self.scheduler.requests[s.request_id] for s in out.scheduled if s.sample]
         logits = self.runner.execute(out, self._placeholders(out, previous)) if out.scheduled else None
@@ -198,7 +210,7 @@ class LLMEngine:
         return StepResult(outputs, out.kv_loads)
 
     def _step_sync(self) -> StepResult:
-        out = self.scheduler.schedule()
+        out = self._schedule()
         to_sample: list[Request] = []
         sampled: dict[str, tuple[int, TokenLogprob | None]] = {}
         if out.scheduled:
@@ -234,21 +246,12 @@ class LLMEngine:
         """The intervals of the requests finished since the last call (aborted ones excluded)."""
         return self._clock.drain()
 
-    def _record(self, outputs: list[RequestOutput], step_start: float) -> None:
-        # A request's first schedule sets num_cached_tokens (its prefix lookup): it left the queue this step.
-        for request_id in [r for r in self._clock.unscheduled if self._first_scheduled(r)]:
-            self._clock.scheduled(request_id, step_start)
-            if self.config.cache.enable_prefix_caching:
-                self.num_prefix_queried_tokens += self.scheduler.requests[request_id].num_prompt_tokens
+    def _record(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             self.num_generation_tokens += len(out.new_token_ids)
             self._clock.token(out.request_id, out.finish_reason.value if out.finish_reason is not None else None)
         if len(self._clock) > len(self.scheduler.requests) - len(self.scheduler.held):  # some ended without an output
             self._clock.forget([r for r in self._clock.known() if r not in self.scheduler.requests])
-
-    def _first_scheduled(self, request_id: str) -> bool:
-        request = self.scheduler.requests.get(request_id)
-        return request is not None and request.num_cached_tokens is not None
 
     @staticmethod
     def _placeholders(out: SchedulerOutput, previous: _InFlight | None) -> Placeholders | None:

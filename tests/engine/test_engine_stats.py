@@ -55,3 +55,14 @@ def test_aborted_requests_leave_no_record(llama_tiny_dir, make_engine, run_engin
     run_engine(engine)
     assert engine.drain_request_times() == []
     assert len(engine._clock) == 0  # nothing kept for requests that are gone
+
+
+def test_queue_time_is_the_wait_for_a_slot(llama_tiny_dir, make_engine, run_engine):
+    """One running slot: the second request waits out the first, and its queue time says so."""
+    engine = make_engine(llama_tiny_dir, max_num_seqs=1)
+    engine.add_request("first", PROMPT, GREEDY)
+    engine.add_request("second", PROMPT[:6], GREEDY)
+    run_engine(engine)
+    first, second = engine.drain_request_times()  # in the order they finished
+    assert second.queue_seconds > first.inference_seconds > 0
+    assert first.queue_seconds < second.queue_seconds
