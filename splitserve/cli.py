@@ -134,7 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: a random-weight demo model)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=port_number, default=50051)
-    up.add_argument("--device", default="cpu")
+    up.add_argument("--device", default="cpu", help="where the workers run (cuda: both on one GPU, their KV memory split)")
+    up.add_argument("--mode", choices=("disaggregated", "colocated"), default="disaggregated",
+                    help="colocated: one worker prefills and decodes (no KV hand-off)")
+    up.add_argument("--prefill-device", default=None, help="the prefill worker's device (default --device), e.g. cuda:0")
+    up.add_argument("--decode-device", default=None, help="the decode worker's device (default --device), e.g. cuda:1")
+    up.add_argument("--prefill-memory-share", type=fraction, default=0.2,
+                    help="with both workers on one GPU: the prefill worker's share of the KV memory (it holds prompts only until decode reads them)")
+    up.add_argument("--gpu-memory-utilization", type=fraction, default=0.9, help="on a GPU: the share of free memory the workers' KV caches take together")
+    up.add_argument("--max-num-seqs", type=positive_int, default=None, help="each worker's running batch limit (default: the workers')")
+    up.add_argument("--max-num-batched-tokens", type=positive_int, default=None, help="each worker's token budget per step (default: the workers')")
     up.add_argument("--prefill-threshold", type=non_negative_int, default=0, help="prompts shorter than this skip the prefill worker")
     up.add_argument("--http-port", type=port_or_off, default=8000, help="OpenAI-compatible HTTP API port (0: any free port, -1: off)")
     up.add_argument("--api-keys-file", type=Path, default=None, help="accepted API keys, one per line (both APIs then need one)")

@@ -1,4 +1,5 @@
-"""`splitserve up`: router, one prefill and one decode worker as processes on this machine.
+"""`splitserve up`: router, one prefill and one decode worker as processes on this machine
+(or, with --mode colocated, one worker that does both; where they run: splitserve.up_layout).
 
 Workers register with the router's embedded control plane, so nothing else
 needs to be installed or running. Ctrl-C (or SIGTERM) stops all three.
@@ -16,6 +17,7 @@ import threading
 from pathlib import Path
 
 from splitserve.cli import DEMO_DIR
+from splitserve.up_layout import plan_layout
 
 READY = re.compile(r"splitserve (\w+) listening on (\S+)")
 HTTP_URL = re.compile(r"OpenAI-compatible HTTP API at (\S+?)[;)]")
@@ -125,6 +127,12 @@ def _security_args(args, worker_keys: Path) -> tuple[list[str], list[str], str]:
     return router, worker, "grpcs" if args.tls_cert is not None else "grpc"
 
 
+def _engine_args(args) -> list[str]:
+    """The engine flags given to up, passed on to every worker."""
+    given = [("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens", args.max_num_batched_tokens)]
+    return [str(x) for flag, value in given if value is not None for x in (flag, value)]
+
+
 def run_up(args) -> int:
     secrets_dir = tempfile.TemporaryDirectory(prefix="splitserve-up-")
     worker_keys = args.worker_keys_file or _worker_keys_file(Path(secrets_dir.name))
@@ -136,6 +144,11 @@ def run_up(args) -> int:
     from splitserve.models.arch import load_arch_config
 
     load_arch_config(model)  # a missing or unsupported checkpoint: one line now, not three processes' failures
+    try:
+        layout = plan_layout(args.mode, args.device, args.prefill_device, args.decode_device, args.prefill_memory_share,
+                             args.gpu_memory_utilization)
+    except ValueError as e:
+        raise ServiceStartError(str(e)) from None
     procs: list[subprocess.Popen] = []
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -148,16 +161,19 @@ def run_up(args) -> int:
         )
         procs.append(router)
         endpoints = [_endpoints("router", address, ready_line)]
-        common = ["--model", str(model), "--host", args.host, "--port", "0", "--metrics-port", "0",
-                  "--device", args.device, "--control-plane", f"{scheme}://{address}", *worker_security]
-        for role in ("prefill", "decode"):
-            proc, worker_address, worker_line = _start([role, *common, "--worker-id", f"{role}-{os.getpid()}"], role)
+        common = ["--model", str(model), "--host", args.host, "--port", "0", "--metrics-port", "0", "--log-level", args.log_level,
+                  "--control-plane", f"{scheme}://{address}", *worker_security, *_engine_args(args)]
+        for worker in layout.workers:  # one after another: on one GPU each sizes its KV from what the last left
+            role = worker.role
+            proc, worker_address, worker_line = _start(
+                [role, *common, "--device", worker.device, *worker.args, "--worker-id", f"{role}-{os.getpid()}"], role
+            )
             procs.append(proc)
             endpoints.append(_endpoints(role, worker_address, worker_line))
         router_http = HTTP_URL.search(ready_line)
         http = f"; OpenAI-compatible HTTP API at {router_http.group(1)}" if router_http else ""
         print("endpoints:\n" + "\n".join(endpoints), flush=True)
-        print(f"splitserve router listening on {address} (gRPC splitserve.v1.Generation{http}; prefill and decode ready). Ctrl-C stops it.", flush=True)
+        print(f"splitserve router listening on {address} (gRPC splitserve.v1.Generation{http}; {layout.description}). Ctrl-C stops it.", flush=True)
         while not stop.is_set() and all(p.poll() is None for p in procs):
             stop.wait(0.5)
         failed = [p for p in procs if p.poll() not in (None, 0)]
