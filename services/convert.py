@@ -26,6 +26,7 @@ def sampling_params_from_proto(msg: worker_pb.EngineRequest) -> SamplingParams:
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs,
         top_logprobs=msg.top_logprobs,
+        logit_bias=tuple(msg.sampling.logit_bias.items()),
         **sampling,
     )
 

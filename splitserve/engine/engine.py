@@ -108,6 +108,9 @@ class LLMEngine:
         bad = next((t for t in params.stop_token_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise InvalidRequestError("stop_token_ids", f"token id {bad} is outside the vocabulary")
+        bad = next((t for t, _ in params.logit_bias if t >= self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError("logit_bias", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, **options) -> Request:
         """Checks and queues a request; ``options`` as ``enqueue`` takes them."""

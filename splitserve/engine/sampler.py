@@ -29,6 +29,22 @@ def apply_penalties(logits: torch.Tensor, request: Request) -> torch.Tensor:
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
+    """Adds each request's logit_bias to its row; a copy when any has one. ``logits``: [rows, vocab]."""
+    rows, ids, values = [], [], []
+    for i, request in enumerate(requests):
+        for token_id, bias in request.sampling_params.logit_bias:
+            rows.append(i)
+            ids.append(token_id)
+            values.append(bias)
+    if not rows:
+        return logits
+    logits = logits.clone()
+    logits.index_put_((torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)),
+                      torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
+    return logits
+
+
 def truncate_rows(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Masks, row by row, tokens outside top-k (ties with the k-th kept), the top-p nucleus (a
     token stays while the mass before it is below top_p; the most likely always stays) and the
@@ -65,6 +81,7 @@ class Sampler:
         logits = logits.float()
         want_logprobs = any(r.sampling_params.logprobs or r.sampling_params.top_logprobs for r in requests)
         logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        logits = apply_logit_bias(logits, requests)  # after the logprobs: they report the model's own distribution
         if all(r.sampling_params.greedy and not r.sampling_params.has_penalties for r in requests):
             token_ids = logits.argmax(dim=-1).tolist()
         else:
@@ -88,7 +105,7 @@ class Sampler:
         """Whether ``sample_on_device`` serves every one of ``requests``: greedy or unseeded
         sampling, without penalties (they need each request's history) or logprobs to report."""
         return all(
-            (p.greedy or p.seed is None) and not p.has_penalties and not (p.logprobs or p.top_logprobs)
+            (p.greedy or p.seed is None) and not p.has_penalties and not (p.logprobs or p.top_logprobs) and not p.logit_bias
             for p in (r.sampling_params for r in requests)
         )
 

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 from splitserve.engine.errors import InvalidRequestError
 
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -23,9 +25,17 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False  # return the sampled token's logprob
     top_logprobs: int = 0  # and this many most likely alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits before sampling
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError("logit_bias", f"has {len(self.logit_bias)} entries; the limit is {MAX_LOGIT_BIAS}")
+        bad = next(((t, b) for t, b in self.logit_bias if t < 0 or not -100.0 <= b <= 100.0), None)
+        if bad is not None:
+            raise InvalidRequestError("logit_bias", f"token {bad[0]}: the bias must be in [-100, 100] for a token id >= 0, got {bad[1]!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise InvalidRequestError("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
         if not self.temperature >= 0.0:

@@ -357,6 +357,22 @@ def test_chat_default_max_tokens_is_the_rest_of_the_context(stack, client, token
     assert out.usage.completion_tokens == max_model_len - num_prompt and out.choices[0].finish_reason == "length"
 
 
+def test_logit_bias(stack, client, tokenizer):
+    forced = client.completions.create(model=stack.model, prompt=PROMPT, max_tokens=5, temperature=0, logit_bias={"300": 100},
+                                       logprobs=0, extra_body={"ignore_eos": True})
+    assert forced.choices[0].logprobs.tokens == [tokenizer.decode([300])] * 5
+    plain = client.chat.completions.create(model=stack.model, messages=MESSAGES, max_tokens=1, temperature=0, logprobs=True)
+    first = plain.choices[0].logprobs.content[0].token
+    banned = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(first))[0]
+    other = client.chat.completions.create(model=stack.model, messages=MESSAGES, max_tokens=1, temperature=0, logprobs=True,
+                                           logit_bias={str(banned): -100})
+    assert other.choices[0].logprobs.content[0].token != first
+    for bias, words in (({"x": 1}, "token ids"), ({"1": 101}, "[-100, 100]"), ({str(10**6): 1}, "outside the vocabulary")):
+        with pytest.raises(openai.BadRequestError, match=re.escape(words)) as e:
+            client.completions.create(model=stack.model, prompt=PROMPT, max_tokens=1, logit_bias=bias)
+        assert e.value.body["param"] == "logit_bias"
+
+
 def _merged_steps(stack: Stack) -> float:
     text = httpx.get(f"{stack.base_url.removesuffix('/v1')}/metrics").text
     return float(re.search(r'^splitserve_router_merged_steps_total\{role="router"\} (\S+)', text, re.M).group(1))

@@ -28,7 +28,7 @@ from splitserve.services.router.openai.choices import Choice, open_stream, whole
 from splitserve.services.router.openai.prompts import output_budget, prompt_token_ids
 from splitserve.services.router.openai.responses import ChatFormatter, CompletionFormatter, Formatter, sse
 from splitserve.services.router.openai.tokens import TokenRoutes
-from splitserve.services.router.openai.translate import chat_request, completion_request
+from splitserve.services.router.openai.translate import chat_request, check_logit_bias, completion_request
 from starlette.exceptions import HTTPException
 
 from splitserve.v1 import generation_pb2 as gen_pb
@@ -101,6 +101,7 @@ class OpenAIRoutes:
         req = self._invalid_counted(lambda: parse(CompletionRequest, body))
         self._check_model(req.model)
         prompts, message = self._invalid_counted(lambda: completion_request(req))
+        self._invalid_counted(lambda: check_logit_bias(message, self.limits.vocab_size))
         choices, num_prompt_tokens = [], 0
         for i, prompt in enumerate(prompts):
             param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
@@ -122,6 +123,7 @@ class OpenAIRoutes:
         self._check_model(req.model)
         settings = self.service.settings
         message = self._invalid_counted(lambda: chat_request(req, self.service.tokenizer, settings.limits, settings.trust_request_chat_template))
+        self._invalid_counted(lambda: check_logit_bias(message, self.limits.vocab_size))
         num_prompt_tokens = len(message.token_ids.ids)
         requested = req.max_completion_tokens or req.max_tokens
         param = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"

@@ -34,8 +34,6 @@ def _check_common(req: OpenAIRequest, num_prompts: int = 1) -> None:
     if req.best_of not in (None, 1):
         # vLLM's V1 engine dropped it too: n samples are returned, never ranked and cut.
         raise _unsupported("best_of", f"is not supported (got {req.best_of}): send n for several samples")
-    if req.logit_bias:
-        raise _unsupported("logit_bias", "is not supported")
     if req.stream_options is not None and not req.stream:
         raise OpenAIError(400, "stream_options: only allowed when stream is true", param="stream_options")
     if req.timeout_seconds is not None and not req.timeout_seconds > 0:
@@ -60,7 +58,23 @@ def _generate_request(req: OpenAIRequest, max_tokens: int | None, logprobs: bool
     )
     if req.timeout_seconds is not None:
         msg.timeout_seconds = req.timeout_seconds
+    msg.sampling.logit_bias.update(_logit_bias(req.logit_bias or {}))
     return msg
+
+
+def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's keys are token ids as strings. Ranges are checked on the shared path, the
+    vocabulary by ``check_logit_bias``."""
+    bad = next((t for t in bias if not (t.isascii() and t.isdigit() and int(t) < 2**32)), None)
+    if bad is not None:
+        raise OpenAIError(400, f"logit_bias: keys are token ids, got {bad!r}", param="logit_bias")
+    return {int(token): value for token, value in bias.items()}
+
+
+def check_logit_bias(msg: gen_pb.GenerateRequest, vocab_size: int) -> None:
+    bad = next((t for t in msg.sampling.logit_bias if t >= vocab_size), None)
+    if bad is not None:
+        raise OpenAIError(400, f"logit_bias: token id {bad} is outside the vocabulary [0, {vocab_size})", param="logit_bias")
 
 
 def completion_request(req: CompletionRequest) -> tuple[list[str | list[int]], gen_pb.GenerateRequest]:
