@@ -1,12 +1,12 @@
-"""KV reads between GPUs of one host, the same GPU included, with CUDA IPC and the copy engine.
+"""KV reads between GPUs of one host, the same GPU included, with CUDA IPC.
 
 On one GPU, UCX (NIXL's backend) moves VRAM between two processes at ~0.5 GB/s where a
 copy on the device runs at hundreds: its ``cuda_ipc`` transport does not take that case, so
-the data is staged through host memory (see bench/README.md, "KV transfer on one GPU").
+it emulates the read over TCP loopback (bench/results/one_gpu_h200/README.md).
 This path does not go through UCX: each worker exports its KV cache once (a CUDA IPC
 handle of the allocation, ``UntypedStorage._share_cuda_``), a peer on the same host opens
-it once at the handshake, and a read is a few ``copy_`` calls on a side stream, polled
-through a CUDA event.
+it once at the handshake, and a read is one copy per span on a side stream (a kernel on one
+GPU, the copy engine between two), polled through a CUDA event.
 
 The export carries the host's boot id: two processes with the same boot id run on one
 kernel, hence one host. Opening can still fail (another container's ``/dev/shm``, where
@@ -112,7 +112,7 @@ def _engine_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 def _sm_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     """A copy on one GPU by an elementwise kernel: a cudaMemcpy between the peer's opened
-    allocation and ours goes to a copy engine, ~600 GB/s on an H200 (bench/README.md) against
+    allocation and ours goes to a copy engine, ~600 GB/s on an H200 (bench/results/one_gpu_h200) against
     ~2 TB/s for a kernel. Spans are whole blocks or head slices, so 8-byte aligned."""
     if dst.numel() % 8 or dst.storage_offset() % 8 or src.storage_offset() % 8:
         _engine_copy(dst, src)
