@@ -257,10 +257,22 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "generate":
         from splitserve.client import stream_to_terminal
 
+        _check_router_answers(args.target)
         return stream_to_terminal(args)
     if args.command == "router":
         return _run_router(args)
     return _run_worker(args)
+
+
+def _check_router_answers(target: str, timeout: float = 5.0) -> None:
+    """A --target nobody listens at is the user's mistake: one line, not an RPC error mid-stream."""
+    import grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise UsageError(f"no router answers at {target} within {timeout:g}s (is `splitserve up` running? --target)") from None
 
 
 def _security_errors_in_one_line(run):

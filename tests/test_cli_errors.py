@@ -109,6 +109,11 @@ def test_up_with_a_port_in_use(model, taken_port):
     assert_one_line(result, "router", f"cannot listen on 127.0.0.1:{taken_port}")
 
 
+def test_generate_without_a_router():
+    port = free_port()  # nothing listens there
+    assert_one_line(splitserve_cli("generate", "hello", "--target", f"127.0.0.1:{port}"), f"no router answers at 127.0.0.1:{port}")
+
+
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:{port}/0", "grpc://127.0.0.1:{port}"])
 def test_control_plane_unreachable(model, url):
     port = free_port()  # nothing listens there

@@ -149,6 +149,8 @@ def test_keda_scaled_object_per_pool(chart, enabled):
     if enabled:
         decode = manifests[("ScaledObject", f"{PREFIX}-decode")]["spec"]
         assert (decode["triggers"][0]["metadata"]["threshold"], decode["maxReplicaCount"]) == ("0.7", 6)
+    notes = chart.render(KEDA if enabled else {}, name=RELEASE, namespace=NAMESPACE)["splitserve/templates/NOTES.txt"]
+    assert ("prefill TP=1 (replicas set by KEDA)" if enabled else "prefill TP=1 (1 replicas)") in notes
 
 
 @pytest.mark.parametrize("values,message", [

@@ -251,3 +251,13 @@ so both point at an emptyDir.
 - name: tmp
   emptyDir: {}
 {{- end -}}
+
+{{/* Who sets a pool's replicas, for NOTES.txt. */}}
+{{- define "splitserve.replicasNote" -}}
+{{- $pool := index .ctx.Values .component -}}
+{{- if $pool.autoscaling.enabled -}}replicas set by its HPA
+{{- else if $pool.keda.enabled -}}replicas set by KEDA
+{{- else if .ctx.Values.planner.enabled -}}replicas set by the planner
+{{- else -}}{{ int $pool.replicas }} replicas
+{{- end -}}
+{{- end -}}
