@@ -18,30 +18,32 @@ log = logging.getLogger(__name__)
 
 
 class ListedPeers:
-    """The prefill workers the control plane lists, read again at most every ``refresh_seconds``
-    (and at once, that often, when a handle names one not yet seen: it may have just registered)."""
+    """The prefill workers the control plane lists, read again when the last read is over
+    ``refresh_seconds`` old, or on a handle naming one not in it (it may have just registered),
+    at most every ``min_interval_seconds`` so that forged handles cannot flood the registry."""
 
-    def __init__(self, control_plane: ControlPlane, refresh_seconds: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, control_plane: ControlPlane, refresh_seconds: float = 1.0, min_interval_seconds: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._control_plane = control_plane
         self._refresh_seconds = refresh_seconds
+        self._min_interval_seconds = min_interval_seconds
         self._clock = clock
         self._addresses: dict[str, str] = {}  # worker_id -> address
-        self._read_at: float | None = None
+        self._read_at = -float("inf")
 
     async def listed(self, worker_id: str, address: str) -> bool:
         """Whether ``worker_id`` is a live prefill worker at ``address``; False when the registry cannot be read."""
-        if self._addresses.get(worker_id) == address and not self._stale():
+        age = self._clock() - self._read_at
+        if self._addresses.get(worker_id) == address and age < self._refresh_seconds:
             return True
-        if self._read_at is not None and not self._stale():
-            return False
-        try:
-            workers = await self._control_plane.live_workers("prefill")
-        except ControlPlaneUnavailable as e:
-            log.warning("cannot check KV peer %s against the registry: %s", worker_id, e)
-            return False
-        self._addresses = {w.info.worker_id: w.info.address for w in workers}
-        self._read_at = self._clock()
+        if age >= self._min_interval_seconds:
+            try:
+                workers = await self._control_plane.live_workers("prefill")
+            except ControlPlaneUnavailable as e:
+                log.warning("cannot check KV peer %s against the registry: %s", worker_id, e)
+                return False
+            self._addresses = {w.info.worker_id: w.info.address for w in workers}
+            self._read_at = self._clock()
         return self._addresses.get(worker_id) == address
-
-    def _stale(self) -> bool:
-        return self._read_at is None or self._clock() - self._read_at >= self._refresh_seconds

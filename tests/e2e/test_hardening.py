@@ -307,11 +307,14 @@ def test_a_burst_past_max_inflight_gets_only_resource_exhausted(e2e_model_dir):
 # -- ports ----------------------------------------------------------------------------------
 
 
-def test_a_second_router_on_a_busy_port_exits_with_one_line(cluster, e2e_model_dir):
+@pytest.mark.parametrize("command", ["router", "up"])
+def test_a_second_router_or_up_on_a_busy_port_exits_with_one_line(cluster, e2e_model_dir, command):
+    """grpcio's SO_REUSEPORT would let it start and share the port with the running router."""
     port = cluster.address.rsplit(":", 1)[1]
+    args = ["--model", str(e2e_model_dir), "--port", port, "--http-port", "-1"]
     result = subprocess.run(
-        [sys.executable, "-m", "splitserve.cli", "router", "--model", str(e2e_model_dir), "--port", port, "--http-port", "-1", "--metrics-port", "-1"],
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "splitserve.cli", command, *args, *(["--metrics-port", "-1"] if command == "router" else [])],
+        capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 2
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
