@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,15 @@ from splitserve.kvtransfer import (
     PeerDisconnectedError,
     TransferTimeoutError,
 )
+
+
+def _stopped(peer) -> None:
+    """SIGSTOPs the peer and returns once it is stopped (state T), so that it answers nothing after."""
+    peer.signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 10.0
+    while Path(f"/proc/{peer.pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
+        assert time.monotonic() < deadline, f"{peer.name} did not stop"
+        time.sleep(0.005)
 
 
 def _reclaim_within(agent: KVTransferAgent, seconds: float) -> list[int]:
@@ -65,10 +75,11 @@ def test_peer_killed_during_read_fails_fast(start_peer, local_agent):
 
 def test_peer_stopped_mid_read_hits_the_deadline_and_blocks_come_back(start_peer, local_agent):
     peer = start_peer("prefill-s", seed=5)
+    # Stopped before it is added: connecting needs the peer to answer, and a peer still running
+    # just after add_peer may answer UCX's connection set-up at once. (Once connected, small
+    # reads of a stopped peer's host memory still finish: CMA copies them without it.)
+    _stopped(peer)
     local_agent.add_peer("prefill-s", peer.metadata, LAYOUT)
-    # Stopped before the first read: connecting needs the peer to answer. (Once connected,
-    # small reads of a stopped peer's host memory still finish: CMA copies them without it.)
-    peer.signal(signal.SIGSTOP)
 
     started = time.monotonic()
     with pytest.raises(TransferTimeoutError) as err:
@@ -89,8 +100,8 @@ def test_peer_stopped_mid_read_hits_the_deadline_and_blocks_come_back(start_peer
 @pytest.mark.parametrize("then", ["kill", "remove"])
 def test_stopped_peer_killed_or_removed_releases_blocks_in_doubt(start_peer, local_agent, then):
     peer = start_peer(f"prefill-{then}")
+    _stopped(peer)  # before add_peer: never connected, so the read cannot finish (see above)
     local_agent.add_peer(peer.name, peer.metadata, LAYOUT)
-    peer.signal(signal.SIGSTOP)
     with pytest.raises(TransferTimeoutError):
         local_agent.read_blocks(peer.name, [1, 2], [30, 31], timeout=0.3)
 
