@@ -130,8 +130,10 @@ def stream_to_terminal(args) -> int:
             else:
                 final = r.final
     except grpc.RpcError as e:
-        print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+        print(flush=True)  # the text so far ends its line, on stdout like the text
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
+    print(flush=True)  # a shell prompt or a file's last line after the text, not on it
     u = final.usage
-    print(f"\n[{FINISH_NAMES.get(final.finish_reason)}; {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens]", file=sys.stderr)
+    print(f"[{FINISH_NAMES.get(final.finish_reason)}; {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens]", file=sys.stderr)
     return 0

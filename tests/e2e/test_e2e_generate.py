@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 import time
 
 import grpc
@@ -84,6 +86,16 @@ def test_text_prompt_streams_text_and_usage(cluster, e2e_model_dir, reference):
     assert ids == reference(tokenizer.encode(prompt), 20)
     assert text == tokenizer.decode(ids, skip_special_tokens=True)
     assert final.usage.completion_tokens == 20 and final.usage.prompt_tokens == len(tokenizer.encode(prompt))
+
+
+def test_splitserve_generate_prints_the_text_then_a_newline(cluster):
+    deltas = list(Client(cluster.address).stream("Hello, world", max_tokens=12, ignore_eos=True, timeout=60))
+    client_text = "".join(d.delta.text for d in deltas[:-1])  # greedy: what generate must print
+    cmd = [sys.executable, "-m", "splitserve.cli", "generate", "Hello, world", "--max-tokens", "12", "--ignore-eos", "--target", cluster.address]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == client_text + "\n"  # the shell's prompt starts on a line of its own
+    assert result.stderr.startswith("[length; ") and "12 completion tokens" in result.stderr
 
 
 def test_stop_string_ends_the_stream_and_frees_blocks(cluster, e2e_model_dir):
