@@ -27,6 +27,7 @@ def sampling_params_from_proto(msg: worker_pb.EngineRequest) -> SamplingParams:
         logprobs=msg.logprobs,
         top_logprobs=msg.top_logprobs,
         logit_bias=tuple(msg.sampling.logit_bias.items()),
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         **sampling,
     )
 

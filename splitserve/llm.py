@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, default_kv_cache_bytes
@@ -21,6 +21,7 @@ class CompletionOutput:
     logprobs: list[TokenLogprob]
     finish_reason: FinishReason
     num_cached_tokens: int
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # with SamplingParams.prompt_logprobs: one per prompt token after the first
 
 
 class LLM:
@@ -66,11 +67,13 @@ class LLM:
             prompt_ids[request_id] = ids
         tokens: dict[str, list[int]] = {r: [] for r in order}
         logprobs: dict[str, list[TokenLogprob]] = {r: [] for r in order}
+        prompt_logprobs: dict[str, list[TokenLogprob]] = {r: [] for r in order}
         done: dict[str, tuple[FinishReason, int]] = {}
         while len(done) < len(order):
             for out in self.engine.step().outputs:
                 tokens[out.request_id] += out.new_token_ids
                 logprobs[out.request_id] += out.new_logprobs
+                prompt_logprobs[out.request_id] += out.prompt_logprobs
                 if out.finished:
                     done[out.request_id] = (out.finish_reason, out.num_cached_tokens)
         return [
@@ -82,6 +85,7 @@ class LLM:
                 logprobs=logprobs[r],
                 finish_reason=done[r][0],
                 num_cached_tokens=done[r][1],
+                prompt_logprobs=prompt_logprobs[r],
             )
             for r in order
         ]

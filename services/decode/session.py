@@ -116,6 +116,7 @@ class RouterSession:
             token_logprob_to_proto(t, logprobs[i] if i < len(logprobs) else None) for i, t in enumerate(out.new_token_ids)
         )
         update.num_cached_tokens = max(self.live[request_id], out.num_cached_tokens)
+        update.prompt_logprobs.extend(token_logprob_to_proto(t.token_id, t) for t in out.prompt_logprobs)
         if out.finished:
             update.finish_reason = FINISH_TO_PROTO[out.finish_reason]
             del self.live[request_id]

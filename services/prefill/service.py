@@ -47,6 +47,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         first = token_logprob_to_proto(token_id, out.new_logprobs[0] if out.new_logprobs else None)
         finish = self._finish_reason(token_id, params)
         response = worker_pb.PrefillResponse(first_token=first, num_cached_tokens=out.num_cached_tokens, finish_reason=finish)
+        response.prompt_logprobs.extend(token_logprob_to_proto(t.token_id, t) for t in out.prompt_logprobs)
         if finish != gen_pb.FINISH_REASON_UNSPECIFIED:
             loop.release(request_id)
             return response

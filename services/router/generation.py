@@ -209,7 +209,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 response, _ = prefill
                 progress.num_tokens, progress.num_cached = 1, response.num_cached_tokens
                 self._ttft.observe(time.perf_counter() - start)
-                yield self._delta(detok, [response.first_token], engine_request.logprobs or engine_request.top_logprobs > 0)
+                yield self._delta(detok, [response.first_token], engine_request.logprobs or engine_request.top_logprobs > 0, response.prompt_logprobs)
                 progress.finish = gen_pb.FINISH_REASON_STOP if detok.matched_stop is not None else response.finish_reason
                 if progress.finish != gen_pb.FINISH_REASON_UNSPECIFIED:
                     for message in self._finish(engine_request, prompt, progress, detok):
@@ -251,7 +251,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     self._merged_steps.inc(len(tokens) - 1)
                 progress.num_cached = max(progress.num_cached, *(u.num_cached_tokens for u in batch))
                 # A stop string may end the output inside the batch; the tokens after it are not part of it.
-                delta = self._delta(detok, tokens, with_logprobs)
+                delta = self._delta(detok, tokens, with_logprobs, [t for update in batch for t in update.prompt_logprobs])
                 progress.num_tokens += len(delta.delta.token_ids)
                 if delta.delta.text or delta.delta.token_ids:
                     yield delta
@@ -323,13 +323,13 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         code = e.code if e.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED) else grpc.StatusCode.UNAVAILABLE
         return GenerateError(code, f"decode worker {decision.worker_id} failed: {e.code.name}: {e.details}")
 
-    def _delta(self, detok: IncrementalDetokenizer, tokens, with_logprobs: bool) -> gen_pb.GenerateResponse:
+    def _delta(self, detok: IncrementalDetokenizer, tokens, with_logprobs: bool, prompt_logprobs=()) -> gen_pb.GenerateResponse:
         """The text and tokens of ``tokens`` up to (and with) the one that completes a stop string."""
         ids = [t.token_id for t in tokens]
         text = detok.add(ids)
         if detok.matched_at is not None and detok.matched_at < len(ids):
             ids, tokens = ids[: detok.matched_at], tokens[: detok.matched_at]
-        delta = gen_pb.Delta(text=text, token_ids=ids, logprobs=tokens if with_logprobs else [])
+        delta = gen_pb.Delta(text=text, token_ids=ids, logprobs=tokens if with_logprobs else [], prompt_logprobs=prompt_logprobs)
         return gen_pb.GenerateResponse(delta=delta)
 
     def _finish(self, engine_request, prompt, progress: DecodeProgress, detok) -> list[gen_pb.GenerateResponse]:

@@ -103,6 +103,8 @@ async def prepare(msg: gen_pb.GenerateRequest, tokenizer: PreTrainedTokenizerBas
         logprobs=msg.logprobs,
         top_logprobs=msg.top_logprobs,
     )
+    if msg.HasField("prompt_logprobs"):
+        engine_request.prompt_logprobs = msg.prompt_logprobs
     sampling_params_from_proto(engine_request)  # validates the sampling fields, naming the bad one
     return PreparedRequest(
         engine_request=engine_request,

@@ -11,7 +11,7 @@ one row computed for nothing, discarded.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,7 @@ class RequestOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # with the first token, when asked for
 
     @property
     def finished(self) -> bool:
@@ -190,6 +191,8 @@ class LLMEngine:
         previous, self._in_flight = self._in_flight, None
         to_sample = [self.scheduler.requests[s.request_id] for s in out.scheduled if s.sample]
         logits = self.runner.execute(out, self._placeholders(out, previous)) if out.scheduled else None
+        if logits is not None:
+            logits = self._prompt_logprobs(out, logits)
         # The device now has this step queued behind the previous one; read the previous one back.
         outputs = self._read_back(previous) if previous is not None else []
         if logits is None:
@@ -217,7 +220,7 @@ class LLMEngine:
         to_sample: list[Request] = []
         sampled: dict[str, tuple[int, TokenLogprob | None]] = {}
         if out.scheduled:
-            logits = self.runner.execute(out)
+            logits = self._prompt_logprobs(out, self.runner.execute(out))
             to_sample = [self.scheduler.requests[s.request_id] for s in out.scheduled if s.sample]
             sampled = dict(zip((r.request_id for r in to_sample), self.sampler(logits, to_sample)))
         self.scheduler.update_from_output(out, sampled)
@@ -285,8 +288,39 @@ class LLMEngine:
             outputs.append(self._output(request, token_id, None))
         return outputs
 
+    def _prompt_logprobs(self, out: SchedulerOutput, logits: torch.Tensor) -> torch.Tensor:
+        """Takes the prompt logprobs of the requests that asked for them from their rows (all of
+        their step's tokens: row j predicts the token after position start_pos + j); returns the
+        rows to sample from, one per sampling request. Reads the device: such steps wait."""
+        if not any(s.all_rows for s in out.scheduled):
+            return logits
+        sample_rows, row = [], 0
+        for s in out.scheduled:
+            if not s.all_rows:
+                sample_rows += [row] if s.sample else []
+                row += s.sample
+                continue
+            request = self.scheduler.requests[s.request_id]
+            k = request.sampling_params.prompt_logprobs
+            prompt = request.prompt_token_ids
+            num = min(len(s.token_ids), len(prompt) - 1 - s.start_pos)  # rows whose next token is a prompt token
+            logprobs = torch.log_softmax(logits[row : row + num].float(), dim=-1)
+            targets = torch.tensor(prompt[s.start_pos + 1 : s.start_pos + 1 + num], device=logprobs.device)
+            picked = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+            tops = torch.topk(logprobs, k) if k else None
+            for j, token_id in enumerate(targets.tolist()):
+                if s.start_pos + j < len(request.prompt_logprobs):
+                    continue  # recomputed after a preemption: taken the first time
+                top = tuple(zip(tops.indices[j].tolist(), tops.values[j].tolist())) if tops is not None else ()
+                request.prompt_logprobs.append(TokenLogprob(token_id, picked[j], top))
+            row += len(s.token_ids)
+            if s.sample:
+                sample_rows.append(row - 1)
+        return logits[torch.tensor(sample_rows, dtype=torch.long, device=logits.device)]
+
     @staticmethod
     def _output(request: Request, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
+        first = request.num_output_tokens == 1 and request.sampling_params.prompt_logprobs is not None
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=[token_id],
@@ -294,4 +328,5 @@ class LLMEngine:
             finish_reason=request.finish_reason if request.is_finished else None,
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens or 0,
+            prompt_logprobs=list(request.prompt_logprobs) if first else [],
         )

@@ -103,7 +103,9 @@ class ModelRunner:
             query_start_loc.append(query_start_loc[-1] + n)
             context_lens.append(s.start_pos + n)
             block_tables.append(s.block_ids)
-            if s.sample:
+            if s.all_rows:  # every row, the sampled one last (see LLMEngine._prompt_logprobs)
+                sample_rows.extend(range(query_start_loc[-2], query_start_loc[-1]))
+            elif s.sample:
                 sample_rows.append(query_start_loc[-1] - 1)
         bs = self.block_size
         slot_block = [s.block_ids[p // bs] for s in out.scheduled for p in range(s.start_pos, s.start_pos + len(s.token_ids))]

@@ -50,6 +50,8 @@ class Request:
     all_token_ids: list[int] = field(init=False)
     output_token_ids: list[int] = field(default_factory=list, init=False)
     output_logprobs: list[TokenLogprob] = field(default_factory=list, init=False)
+    # With sampling_params.prompt_logprobs: prompt token i + 1's logprob given tokens 0..i, filled as prefill goes.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list, init=False)
     num_computed_tokens: int = field(default=0, init=False)
     num_cached_tokens: int | None = field(default=None, init=False)  # prefix hits at first schedule
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)

@@ -26,6 +26,7 @@ class SamplingParams:
     logprobs: bool = False  # return the sampled token's logprob
     top_logprobs: int = 0  # and this many most likely alternatives
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits before sampling
+    prompt_logprobs: int | None = None  # the prompt tokens' logprobs (after the first), with this many alternatives
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -53,6 +54,8 @@ class SamplingParams:
                 raise InvalidRequestError(name, f"must be in [-2, 2], got {getattr(self, name)!r}")
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
             raise InvalidRequestError("top_logprobs", f"must be in [0, 20], got {self.top_logprobs!r}")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= 20):
+            raise InvalidRequestError("prompt_logprobs", f"must be in [0, 20], got {self.prompt_logprobs!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequestError("seed", f"must be in [0, 2**63), got {self.seed!r}")
 

@@ -23,6 +23,7 @@ class ScheduledRequest:
     start_pos: int  # position of token_ids[0] == num_computed_tokens before the step
     block_ids: list[int]  # the request's whole block table
     sample: bool  # this step reaches the end of the request's tokens: sample the next one
+    all_rows: bool = False  # logits for every token of this step, not only the last (prompt logprobs)
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,8 @@ class Scheduler:
                 break
             request = self.waiting[0]
             hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            if request.sampling_params.prompt_logprobs is not None and request.request_id not in self.remote_kv:
+                hits, num_hit_tokens = [], 0  # a cached prompt is never computed here: its logprobs would be missing
             remote = self.remote_kv.get(request.request_id)
             if remote is not None:
                 # Blocks for the remote KV are allocated now and filled by the transfer.
@@ -194,6 +197,8 @@ class Scheduler:
                     start_pos=start,
                     block_ids=self.kv.get_block_ids(request_id),
                     sample=start + num_new == request.num_tokens,
+                    all_rows=request.sampling_params.prompt_logprobs is not None
+                    and len(request.prompt_logprobs) < request.num_prompt_tokens - 1 and start < request.num_prompt_tokens - 1,
                 )
             )
         return out

@@ -72,7 +72,7 @@ def encode_step(out: SchedulerOutput, placeholders: Placeholders | None = None) 
     """``placeholders``: the rows go along, the tokens follow on the device (rank 0 broadcasts
     them; the message says how many)."""
     return {
-        "scheduled": [[s.request_id, s.token_ids, s.start_pos, s.block_ids, s.sample] for s in out.scheduled],
+        "scheduled": [[s.request_id, s.token_ids, s.start_pos, s.block_ids, s.sample, s.all_rows] for s in out.scheduled],
         "preempted_ids": out.preempted_ids,
         "placeholder_rows": placeholders.rows if placeholders is not None else None,
         "num_sampled": len(placeholders.tokens) if placeholders is not None else 0,
@@ -80,7 +80,7 @@ def encode_step(out: SchedulerOutput, placeholders: Placeholders | None = None) 
 
 
 def decode_step(msg: dict) -> SchedulerOutput:
-    scheduled = [ScheduledRequest(rid, tokens, start, blocks, sample) for rid, tokens, start, blocks, sample in msg["scheduled"]]
+    scheduled = [ScheduledRequest(*fields) for fields in msg["scheduled"]]
     return SchedulerOutput(scheduled=scheduled, preempted_ids=msg["preempted_ids"])
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.v1 import generation_pb2 as splitserve_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/worker.proto\x12\rsplitserve.v1\x1a\x1esplitserve/v1/generation.proto\"\xd6\x01\n\rEngineRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\r\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x08 \x01(\r\"\xb5\x01\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x0f\n\x07tp_size\x18\x07 \x01(\r\x12\x0e\n\x06layout\x18\x08 \x01(\t\x12\x1a\n\x12total_num_kv_heads\x18\t \x01(\r\"\xa9\x01\n\x08KVHandle\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\nagent_name\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\'\n\x06layout\x18\x06 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x15\n\rlease_seconds\x18\x07 \x01(\x01\"?\n\x0ePrefillRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.splitserve.v1.EngineRequest\"\xb7\x01\n\x0fPrefillResponse\x12\x30\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12#\n\x02kv\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.KVHandle\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\"\"\n\x0cLeaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1d\n\rLeaseResponse\x12\x0c\n\x04held\x18\x01 \x01(\x08\"\x19\n\x17TransferMetadataRequest\"\xa3\x01\n\x10TransferMetadata\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x02 \x01(\x0c\x12\'\n\x06layout\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\'\n\x05ranks\x18\x05 \x03(\x0b\x32\x18.splitserve.v1.RankAgent\"H\n\tRankAgent\x12\x0f\n\x07tp_rank\x18\x01 \x01(\r\x12\x12\n\nagent_name\x18\x02 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x03 \x01(\x0c\"\xb0\x01\n\rDecodeRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.splitserve.v1.EngineRequest\x12\x30\n\x0b\x66irst_token\x18\x02 \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12#\n\x02kv\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.KVHandle\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\"[\n\rDecodeCommand\x12-\n\x05start\x18\x01 \x01(\x0b\x32\x1c.splitserve.v1.DecodeRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x02 \x01(\tH\x00\x42\t\n\x07\x63ommand\"\xda\x01\n\x0c\x44\x65\x63odeUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06tokens\x18\x02 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x12\n\nerror_code\x18\x05 \x01(\r\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x0f\n\x07refused\x18\x07 \x01(\x08\"O\n\rDecodeUpdates\x12,\n\x07updates\x18\x01 \x03(\x0b\x32\x1b.splitserve.v1.DecodeUpdate\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xe0\x02\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x06 \x01(\r\x12\x19\n\x11num_pinned_blocks\x18\x07 \x01(\r\x12\"\n\x1anum_prompt_tokens_computed\x18\x08 \x01(\x04\x12\x1d\n\x15num_prefix_hit_tokens\x18\t \x01(\x04\x12\x1d\n\x15num_requests_finished\x18\n \x01(\x04\x12\x1a\n\x12num_local_prefills\x18\x0b \x01(\x04\x12\x18\n\x10num_kv_transfers\x18\x0c \x01(\x04\x12 \n\x18num_kv_bytes_transferred\x18\r \x01(\x04\x32\x8f\x03\n\rPrefillWorker\x12H\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponse\x12G\n\nRenewLease\x12\x1b.splitserve.v1.LeaseRequest\x1a\x1c.splitserve.v1.LeaseResponse\x12\x46\n\tReleaseKV\x12\x1b.splitserve.v1.LeaseRequest\x1a\x1c.splitserve.v1.LeaseResponse\x12^\n\x13GetTransferMetadata\x12&.splitserve.v1.TransferMetadataRequest\x1a\x1f.splitserve.v1.TransferMetadata\x12\x43\n\x08GetStats\x12\x1b.splitserve.v1.StatsRequest\x1a\x1a.splitserve.v1.WorkerStats2\xfd\x01\n\x0c\x44\x65\x63odeWorker\x12H\n\x06\x44\x65\x63ode\x12\x1c.splitserve.v1.DecodeCommand\x1a\x1c.splitserve.v1.DecodeUpdates(\x01\x30\x01\x12^\n\x13GetTransferMetadata\x12&.splitserve.v1.TransferMetadataRequest\x1a\x1f.splitserve.v1.TransferMetadata\x12\x43\n\x08GetStats\x12\x1b.splitserve.v1.StatsRequest\x1a\x1a.splitserve.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/worker.proto\x12\rsplitserve.v1\x1a\x1esplitserve/v1/generation.proto\"\x88\x02\n\rEngineRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\r\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x10\n\x08logprobs\x18\x07 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x08 \x01(\r\x12\x1c\n\x0fprompt_logprobs\x18\t \x01(\rH\x00\x88\x01\x01\x42\x12\n\x10_prompt_logprobs\"\xb5\x01\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x0f\n\x07tp_size\x18\x07 \x01(\r\x12\x0e\n\x06layout\x18\x08 \x01(\t\x12\x1a\n\x12total_num_kv_heads\x18\t \x01(\r\"\xa9\x01\n\x08KVHandle\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\nagent_name\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\'\n\x06layout\x18\x06 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x15\n\rlease_seconds\x18\x07 \x01(\x01\"?\n\x0ePrefillRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.splitserve.v1.EngineRequest\"\xed\x01\n\x0fPrefillResponse\x12\x30\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12#\n\x02kv\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.KVHandle\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\r\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x34\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\"\"\n\x0cLeaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1d\n\rLeaseResponse\x12\x0c\n\x04held\x18\x01 \x01(\x08\"\x19\n\x17TransferMetadataRequest\"\xa3\x01\n\x10TransferMetadata\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x02 \x01(\x0c\x12\'\n\x06layout\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\'\n\x05ranks\x18\x05 \x03(\x0b\x32\x18.splitserve.v1.RankAgent\"H\n\tRankAgent\x12\x0f\n\x07tp_rank\x18\x01 \x01(\r\x12\x12\n\nagent_name\x18\x02 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x03 \x01(\x0c\"\xb0\x01\n\rDecodeRequest\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.splitserve.v1.EngineRequest\x12\x30\n\x0b\x66irst_token\x18\x02 \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12#\n\x02kv\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.KVHandle\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\"[\n\rDecodeCommand\x12-\n\x05start\x18\x01 \x01(\x0b\x32\x1c.splitserve.v1.DecodeRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x02 \x01(\tH\x00\x42\t\n\x07\x63ommand\"\x90\x02\n\x0c\x44\x65\x63odeUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06tokens\x18\x02 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12\x12\n\nerror_code\x18\x05 \x01(\r\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x0f\n\x07refused\x18\x07 \x01(\x08\x12\x34\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\"O\n\rDecodeUpdates\x12,\n\x07updates\x18\x01 \x03(\x0b\x32\x1b.splitserve.v1.DecodeUpdate\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xe0\x02\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x06 \x01(\r\x12\x19\n\x11num_pinned_blocks\x18\x07 \x01(\r\x12\"\n\x1anum_prompt_tokens_computed\x18\x08 \x01(\x04\x12\x1d\n\x15num_prefix_hit_tokens\x18\t \x01(\x04\x12\x1d\n\x15num_requests_finished\x18\n \x01(\x04\x12\x1a\n\x12num_local_prefills\x18\x0b \x01(\x04\x12\x18\n\x10num_kv_transfers\x18\x0c \x01(\x04\x12 \n\x18num_kv_bytes_transferred\x18\r \x01(\x04\x32\x8f\x03\n\rPrefillWorker\x12H\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponse\x12G\n\nRenewLease\x12\x1b.splitserve.v1.LeaseRequest\x1a\x1c.splitserve.v1.LeaseResponse\x12\x46\n\tReleaseKV\x12\x1b.splitserve.v1.LeaseRequest\x1a\x1c.splitserve.v1.LeaseResponse\x12^\n\x13GetTransferMetadata\x12&.splitserve.v1.TransferMetadataRequest\x1a\x1f.splitserve.v1.TransferMetadata\x12\x43\n\x08GetStats\x12\x1b.splitserve.v1.StatsRequest\x1a\x1a.splitserve.v1.WorkerStats2\xfd\x01\n\x0c\x44\x65\x63odeWorker\x12H\n\x06\x44\x65\x63ode\x12\x1c.splitserve.v1.DecodeCommand\x1a\x1c.splitserve.v1.DecodeUpdates(\x01\x30\x01\x12^\n\x13GetTransferMetadata\x12&.splitserve.v1.TransferMetadataRequest\x1a\x1f.splitserve.v1.TransferMetadata\x12\x43\n\x08GetStats\x12\x1b.splitserve.v1.StatsRequest\x1a\x1a.splitserve.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,39 +33,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.v1.worker_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENGINEREQUEST']._serialized_start=78
-  _globals['_ENGINEREQUEST']._serialized_end=292
-  _globals['_KVLAYOUT']._serialized_start=295
-  _globals['_KVLAYOUT']._serialized_end=476
-  _globals['_KVHANDLE']._serialized_start=479
-  _globals['_KVHANDLE']._serialized_end=648
-  _globals['_PREFILLREQUEST']._serialized_start=650
-  _globals['_PREFILLREQUEST']._serialized_end=713
-  _globals['_PREFILLRESPONSE']._serialized_start=716
-  _globals['_PREFILLRESPONSE']._serialized_end=899
-  _globals['_LEASEREQUEST']._serialized_start=901
-  _globals['_LEASEREQUEST']._serialized_end=935
-  _globals['_LEASERESPONSE']._serialized_start=937
-  _globals['_LEASERESPONSE']._serialized_end=966
-  _globals['_TRANSFERMETADATAREQUEST']._serialized_start=968
-  _globals['_TRANSFERMETADATAREQUEST']._serialized_end=993
-  _globals['_TRANSFERMETADATA']._serialized_start=996
-  _globals['_TRANSFERMETADATA']._serialized_end=1159
-  _globals['_RANKAGENT']._serialized_start=1161
-  _globals['_RANKAGENT']._serialized_end=1233
-  _globals['_DECODEREQUEST']._serialized_start=1236
-  _globals['_DECODEREQUEST']._serialized_end=1412
-  _globals['_DECODECOMMAND']._serialized_start=1414
-  _globals['_DECODECOMMAND']._serialized_end=1505
-  _globals['_DECODEUPDATE']._serialized_start=1508
-  _globals['_DECODEUPDATE']._serialized_end=1726
-  _globals['_DECODEUPDATES']._serialized_start=1728
-  _globals['_DECODEUPDATES']._serialized_end=1807
-  _globals['_STATSREQUEST']._serialized_start=1809
-  _globals['_STATSREQUEST']._serialized_end=1823
-  _globals['_WORKERSTATS']._serialized_start=1826
-  _globals['_WORKERSTATS']._serialized_end=2178
-  _globals['_PREFILLWORKER']._serialized_start=2181
-  _globals['_PREFILLWORKER']._serialized_end=2580
-  _globals['_DECODEWORKER']._serialized_start=2583
-  _globals['_DECODEWORKER']._serialized_end=2836
+  _globals['_ENGINEREQUEST']._serialized_end=342
+  _globals['_KVLAYOUT']._serialized_start=345
+  _globals['_KVLAYOUT']._serialized_end=526
+  _globals['_KVHANDLE']._serialized_start=529
+  _globals['_KVHANDLE']._serialized_end=698
+  _globals['_PREFILLREQUEST']._serialized_start=700
+  _globals['_PREFILLREQUEST']._serialized_end=763
+  _globals['_PREFILLRESPONSE']._serialized_start=766
+  _globals['_PREFILLRESPONSE']._serialized_end=1003
+  _globals['_LEASEREQUEST']._serialized_start=1005
+  _globals['_LEASEREQUEST']._serialized_end=1039
+  _globals['_LEASERESPONSE']._serialized_start=1041
+  _globals['_LEASERESPONSE']._serialized_end=1070
+  _globals['_TRANSFERMETADATAREQUEST']._serialized_start=1072
+  _globals['_TRANSFERMETADATAREQUEST']._serialized_end=1097
+  _globals['_TRANSFERMETADATA']._serialized_start=1100
+  _globals['_TRANSFERMETADATA']._serialized_end=1263
+  _globals['_RANKAGENT']._serialized_start=1265
+  _globals['_RANKAGENT']._serialized_end=1337
+  _globals['_DECODEREQUEST']._serialized_start=1340
+  _globals['_DECODEREQUEST']._serialized_end=1516
+  _globals['_DECODECOMMAND']._serialized_start=1518
+  _globals['_DECODECOMMAND']._serialized_end=1609
+  _globals['_DECODEUPDATE']._serialized_start=1612
+  _globals['_DECODEUPDATE']._serialized_end=1884
+  _globals['_DECODEUPDATES']._serialized_start=1886
+  _globals['_DECODEUPDATES']._serialized_end=1965
+  _globals['_STATSREQUEST']._serialized_start=1967
+  _globals['_STATSREQUEST']._serialized_end=1981
+  _globals['_WORKERSTATS']._serialized_start=1984
+  _globals['_WORKERSTATS']._serialized_end=2336
+  _globals['_PREFILLWORKER']._serialized_start=2339
+  _globals['_PREFILLWORKER']._serialized_end=2738
+  _globals['_DECODEWORKER']._serialized_start=2741
+  _globals['_DECODEWORKER']._serialized_end=2994
 # @@protoc_insertion_point(module_scope)

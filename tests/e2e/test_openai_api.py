@@ -212,8 +212,9 @@ MALFORMED = [
     ("completions", b'{"prompt": "hi", "n": 0}', 400, "n", "must be in [1, 128]"),
     ("completions", b'{"prompt": ["a", "b"], "n": 100}', 400, "n", "must be in [1, 64]"),
     ("completions", b'{"prompt": "hi", "best_of": 3}', 400, "best_of", "not supported"),
-    ("completions", b'{"prompt": "hi", "echo": true, "logprobs": 1}', 400, "echo", "prompt logprobs"),
-    ("completions", b'{"prompt": "hi", "prompt_logprobs": 1}', 400, "prompt_logprobs", "prompt logprobs"),
+    ("completions", b'{"prompt": "hi", "echo": true, "logprobs": 1, "stream": true}', 400, "echo", "not streamed"),
+    ("completions", b'{"prompt": "hi", "prompt_logprobs": 1, "stream": true}', 400, "prompt_logprobs", "not streamed"),
+    ("completions", b'{"prompt": "hi", "prompt_logprobs": 21}', 400, "prompt_logprobs", "less than or equal to 20"),
     ("completions", b'{"prompt": "hi", "max_tokens": 100000}', 400, "max_tokens", "context length"),
     ("completions", b'{"prompt": "", "max_tokens": 4}', 400, "prompt", "empty"),
     ("completions", b'{"prompt": [1, 99999999], "max_tokens": 4}', 400, "prompt", "outside the vocabulary"),
@@ -315,6 +316,40 @@ def test_echo(stack, client, tokenizer):
     ids = tokenizer.encode(PROMPT)
     echoed = client.completions.create(model=stack.model, prompt=ids, echo=True, max_tokens=0)
     assert echoed.choices[0].text == tokenizer.decode(ids)  # token prompts echo as their text
+
+
+def test_lm_eval_loglikelihood_request_matches_the_offline_engine(stack, client, tokenizer, e2e_model_dir):
+    """What lm-eval's local-completions sends for loglikelihood: a batch of token-id prompts
+    (context + continuation), echo, logprobs=1, max_tokens 1 (or 0), greedy; it reads
+    token_logprobs[ctxlen:] of the prompt and top_logprobs to tell whether it was greedy."""
+    from splitserve import LLM
+    from splitserve.engine.sampling_params import SamplingParams
+
+    contexts = [tokenizer.encode(PROMPT), tokenizer.encode("Once upon a time there was")]
+    continuations = [tokenizer.encode(" a fox", add_special_tokens=False), tokenizer.encode(" a cat that", add_special_tokens=False)]
+    prompts = [c + d for c, d in zip(contexts, continuations)]
+    offline = LLM(e2e_model_dir).generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1))
+    for max_tokens in (1, 0):
+        out = client.completions.create(model=stack.model, prompt=prompts, echo=True, logprobs=1, max_tokens=max_tokens, temperature=0)
+        for prompt, context, choice, reference in zip(prompts, contexts, out.choices, offline):
+            lp = choice.logprobs
+            assert len(lp.tokens) == len(prompt) + max_tokens and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+            assert lp.tokens[: len(prompt)] == [tokenizer.decode([t]) for t in prompt]
+            expected = [t.logprob for t in reference.prompt_logprobs]
+            assert lp.token_logprobs[1 : len(prompt)] == pytest.approx(expected, abs=1e-4)
+            continuation = sum(lp.token_logprobs[len(context) : len(prompt)])
+            assert continuation == pytest.approx(sum(expected[len(context) - 1 :]), abs=1e-3)
+            for i, top in enumerate(lp.top_logprobs[1 : len(prompt)]):  # one alternative each: the most likely
+                best = reference.prompt_logprobs[i].top[0]
+                assert list(top.values()) == pytest.approx([best[1]], abs=1e-4)
+        assert out.usage.completion_tokens == max_tokens * len(prompts)
+    # vLLM's prompt_logprobs field: None for the first token, then {token id: {logprob, rank, decoded_token}}.
+    raw = httpx.post(f"{stack.base_url}/completions", json={"prompt": prompts[0], "max_tokens": 1, "prompt_logprobs": 2}, timeout=60).json()
+    entries = raw["choices"][0]["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == len(prompts[0])
+    for token_id, entry, reference in zip(prompts[0][1:], entries[1:], offline[0].prompt_logprobs):
+        assert entry[str(token_id)]["logprob"] == pytest.approx(reference.logprob, abs=1e-4)
+        assert sorted(e["rank"] for e in entry.values() if e["rank"] is not None)[:2] == [1, 2]
 
 
 def test_context_overflow_is_a_400_with_the_numbers(stack, client, tokenizer):

@@ -111,10 +111,15 @@ class OpenAIRoutes:
             one = gen_pb.GenerateRequest()
             one.CopyFrom(message)
             one.token_ids.ids.extend(ids)
-            one.max_tokens = self._invalid_counted(lambda: output_budget(req.max_tokens, len(ids), self.limits)) if req.max_tokens != 0 else 0
-            choices += [Choice(m, echo, len(ids), one.max_tokens > 0) for m in _samples(one, req.n)]
+            prompt_logprobs = message.HasField("prompt_logprobs")
+            # max_tokens 0 with prompt logprobs: one token is made for them and dropped.
+            requested = 1 if prompt_logprobs and req.max_tokens == 0 else req.max_tokens
+            one.max_tokens = self._invalid_counted(lambda: output_budget(requested, len(ids), self.limits)) if requested != 0 else 0
+            first = ids[0] if prompt_logprobs else None
+            choices += [Choice(m, echo, len(ids), one.max_tokens > 0, first, req.max_tokens != 0) for m in _samples(one, req.n)]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        fmt = CompletionFormatter(self.model, self.service.tokenizer, req.logprobs is not None, include_usage)
+        fmt = CompletionFormatter(self.model, self.service.tokenizer, req.logprobs is not None, include_usage,
+                                  echo_logprobs=req.echo and req.logprobs is not None, prompt_logprobs=req.prompt_logprobs is not None)
         return await self._respond(request, choices, fmt, req.stream, num_prompt_tokens, "prompt")
 
     async def chat_completions(self, request: Request) -> Response:

@@ -26,6 +26,8 @@ class Choice:
     echo: str = ""  # completions' echo: the prompt's text, sent before the output
     num_prompt_tokens: int = 0
     generate: bool = True  # False: max_tokens 0 with echo, the prompt alone
+    first_token_id: int | None = None  # set when the prompt's logprobs are asked for: the token that has none
+    output: bool = True  # False: run for the prompt's logprobs only (max_tokens 0); the one token made is dropped
 
 
 def _no_output(choice: Choice) -> gen_pb.Final:
@@ -48,13 +50,19 @@ async def whole(service: GenerationService, choices: list[Choice], fmt: Formatte
 
     async def collect(choice: Choice) -> ChoiceResult:
         result = ChoiceResult()
+        if choice.first_token_id is not None:
+            result.prompt_logprobs.append(gen_pb.TokenLogprob(token_id=choice.first_token_id))
         async with contextlib.aclosing(_messages(service, choice)) as stream:
             async for m in stream:
                 if m.HasField("delta"):
-                    result.text.append(m.delta.text)
-                    result.tokens.extend(m.delta.logprobs)
+                    result.prompt_logprobs.extend(m.delta.prompt_logprobs)
+                    if choice.output:
+                        result.text.append(m.delta.text)
+                        result.tokens.extend(m.delta.logprobs)
                 else:
                     result.final = m.final
+        if not choice.output:
+            result.text, result.final = [choice.echo], _no_output(choice)
         return result
 
     if len(choices) == 1:

@@ -2,7 +2,7 @@
 
 Types are strict (``"max_tokens": "16"`` is refused, not coerced). Fields this server does not
 know are ignored, as vLLM does: SDKs send newer fields all the time. Fields it knows but
-cannot honour (best_of, prompt logprobs, tools, ...) are refused with a 400 that names them.
+cannot honour (best_of, tools, streamed prompt logprobs, ...) are refused with a 400 that names them.
 Extensions over OpenAI's API, as vLLM and SGLang spell them: top_k, min_p,
 repetition_penalty, ignore_eos, stop_token_ids, skip_special_tokens; and timeout_seconds,
 a per-request deadline (504 when it passes).

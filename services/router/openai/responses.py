@@ -44,6 +44,7 @@ class ChoiceResult:
     text: list[str] = field(default_factory=list)
     tokens: list[gen_pb.TokenLogprob] = field(default_factory=list)
     final: gen_pb.Final | None = None
+    prompt_logprobs: list[gen_pb.TokenLogprob] = field(default_factory=list)  # the prompt's first token's is a placeholder
 
 
 class Formatter:
@@ -73,9 +74,10 @@ class Formatter:
         return body
 
     def whole(self, choices: Sequence[ChoiceResult], usage_: dict[str, Any]) -> dict[str, Any]:
-        return self._body(self.object_name, [
-            self._choice(i, "".join(c.text), c.tokens, FINISH_REASONS.get(c.final.finish_reason), whole=True) for i, c in enumerate(choices)
-        ], usage_)
+        return self._body(self.object_name, [self._whole_choice(i, c) for i, c in enumerate(choices)], usage_)
+
+    def _whole_choice(self, index: int, c: ChoiceResult) -> dict[str, Any]:
+        return self._choice(index, "".join(c.text), c.tokens, FINISH_REASONS.get(c.final.finish_reason), whole=True)
 
     def delta_event(self, delta: gen_pb.Delta, index: int = 0) -> str | None:
         """The SSE event for one Delta, or None when it has nothing to send yet (text held back)."""
@@ -104,15 +106,33 @@ class Formatter:
 class CompletionFormatter(Formatter):
     id_prefix, object_name, chunk_object_name = "cmpl", "text_completion", "text_completion"
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, echo_logprobs: bool = False, prompt_logprobs: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.text_offsets: dict[int, int] = {}  # per choice: characters of text before the next token
+        self.echo_logprobs = echo_logprobs  # echo with logprobs: the prompt's tokens lead the logprobs
+        self.prompt_logprobs = prompt_logprobs  # vLLM's prompt_logprobs field in each choice
+
+    def _whole_choice(self, index, c):
+        if self.echo_logprobs and c.prompt_logprobs:
+            c.tokens = [*c.prompt_logprobs, *c.tokens]
+        choice = self._choice(index, "".join(c.text), c.tokens, FINISH_REASONS.get(c.final.finish_reason), whole=True,
+                              first_is_none=self.echo_logprobs and bool(c.prompt_logprobs))
+        if self.prompt_logprobs:
+            choice["prompt_logprobs"] = [None, *(self._prompt_entry(t) for t in c.prompt_logprobs[1:])] if c.prompt_logprobs else None
+        return choice
+
+    def _prompt_entry(self, t: gen_pb.TokenLogprob) -> dict[str, Any]:
+        """vLLM's shape: {token id: {logprob, rank, decoded_token}}, the prompt's token and the top ones."""
+        entry = {str(t.token_id): {"logprob": t.logprob, "rank": None, "decoded_token": self.token_text(t.token_id)}}
+        for rank, a in enumerate(t.top, 1):
+            entry[str(a.token_id)] = {"logprob": a.logprob, "rank": rank, "decoded_token": self.token_text(a.token_id)}
+        return entry
 
     def _text_template(self, index, text_json):
         return f'{{"index":{index},"text":{text_json},"logprobs":null,"finish_reason":null}}'
 
-    def _choice(self, index, text, tokens, finish, whole, last=False):
-        logprobs = self.logprobs(index, tokens) if self.with_logprobs and not last else None
+    def _choice(self, index, text, tokens, finish, whole, last=False, first_is_none=False):
+        logprobs = self.logprobs(index, tokens, first_is_none) if self.with_logprobs and not last else None
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     def logprobs(self, index: int, tokens: Sequence[gen_pb.TokenLogprob], first_is_none: bool = False) -> dict[str, Any]:

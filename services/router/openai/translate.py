@@ -85,13 +85,16 @@ def completion_request(req: CompletionRequest) -> tuple[list[str | list[int]], g
     _check_common(req, len(prompts))
     if req.suffix:
         raise _unsupported("suffix", "is not supported")
-    if req.prompt_logprobs is not None or (req.echo and req.logprobs is not None):
-        # The engine computes the logprobs of sampled tokens only: a prompt's would be made up.
+    wants_prompt = req.prompt_logprobs is not None or (req.echo and req.logprobs is not None)
+    if wants_prompt and req.stream:
         param = "prompt_logprobs" if req.prompt_logprobs is not None else "echo"
-        raise _unsupported(param, "prompt logprobs are not computed by this server (echo without logprobs is)")
+        raise _unsupported(param, "prompt logprobs are not streamed by this server: send stream false")
     if req.max_tokens == 0 and not req.echo:
         raise OpenAIError(400, "max_tokens: 0 is only allowed with echo (the prompt alone)", param="max_tokens")
-    return prompts, _generate_request(req, None, req.logprobs is not None, req.logprobs or 0)
+    msg = _generate_request(req, None, req.logprobs is not None, req.logprobs or 0)
+    if wants_prompt:
+        msg.prompt_logprobs = max(req.prompt_logprobs or 0, req.logprobs or 0 if req.echo else 0)
+    return prompts, msg
 
 
 def chat_request(
