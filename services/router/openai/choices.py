@@ -34,7 +34,15 @@ def _no_output(choice: Choice) -> gen_pb.Final:
     return gen_pb.Final(finish_reason=gen_pb.FINISH_REASON_LENGTH, usage=gen_pb.Usage(prompt_tokens=choice.num_prompt_tokens))
 
 
-async def _messages(service: GenerationService, choice: Choice) -> AsyncIterator[gen_pb.GenerateResponse]:
+def _messages(service: GenerationService, choice: Choice) -> AsyncIterator[gen_pb.GenerateResponse]:
+    """The choice's messages: its request's own stream (no extra hop per message), or that
+    stream behind the echoed prompt."""
+    if not choice.echo and choice.generate:
+        return service.generate(choice.message)
+    return _echoed(service, choice)
+
+
+async def _echoed(service: GenerationService, choice: Choice) -> AsyncIterator[gen_pb.GenerateResponse]:
     if choice.echo:
         yield gen_pb.GenerateResponse(delta=gen_pb.Delta(text=choice.echo))
     if not choice.generate:
