@@ -40,6 +40,7 @@ bench grpc-2 grpc 127.0.0.1:50051
 bench http-completions-2 openai-completions 127.0.0.1:8000
 curl -s localhost:8000/metrics | grep -E "^splitserve_router_merged_steps_total" > "$OUT/merged_steps.txt"
 pkill -f "splitserve.cli (router|decode)"; sleep 3
+echo "steps merged for clients that fell behind, all runs: $(cat "$OUT/merged_steps.txt")"
 python3 - "$OUT/runs" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -64,5 +65,4 @@ best = {k: max((v[1] for l, v in rows if v and l.startswith(k)), default=None) f
 if best["grpc"] and best["http-completions"]:
     print(f"HTTP/gRPC req/s (best of two each): {best['http-completions'] / best['grpc']:.2f}")
 EOF
-cat "$OUT/merged_steps.txt"
 (cd "$OUT" && tar czf http_vs_grpc.tgz runs *.log merged_steps.txt $(ls profile-router-http.txt 2>/dev/null) && rm -rf runs)
