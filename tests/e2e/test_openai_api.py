@@ -225,6 +225,7 @@ MALFORMED = [
     ("chat/completions", b'{"messages": "hello"}', 400, "messages", "valid array"),
     ("chat/completions", b'{"messages": [{"content": "hi"}]}', 400, "messages.0.role", "Field required"),
     ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": 200}', 400, "n", "must be in"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "prompt_logprobs": 1}', 400, "prompt_logprobs", "/v1/completions"),
     ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', 400, "max_tokens", "context length"),
     ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}', 400, "top_logprobs", "logprobs"),
     ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": true}}', 400,

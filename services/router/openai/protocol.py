@@ -93,6 +93,7 @@ class ChatCompletionRequest(OpenAIRequest):
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    prompt_logprobs: int | None = None  # vLLM's; refused here (taken on /v1/completions) rather than ignored
     chat_template_kwargs: dict[str, Any] | None = None
 
 

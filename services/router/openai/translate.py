@@ -102,6 +102,8 @@ def chat_request(
 ) -> gen_pb.GenerateRequest:
     _check_common(req)
     _check_chat_template_kwargs(req.chat_template_kwargs or {}, trust_chat_template)
+    if req.prompt_logprobs is not None:
+        raise _unsupported("prompt_logprobs", "is taken on /v1/completions (send the chat prompt's token ids from /tokenize)")
     if req.tools and req.tool_choice != "none":
         raise _unsupported("tools", "tool calling is not supported")
     if req.response_format is not None and req.response_format.get("type", "text") != "text":
