@@ -92,7 +92,8 @@ def test_peers_describing_different_models_are_refused_naming_the_fields():
 
 def test_step_and_rank_spec_survive_the_wire():
     out = SchedulerOutput(
-        scheduled=[ScheduledRequest("a", [1, 2, 3], 0, [7, 8], True), ScheduledRequest("b", [9], 41, [1, 2, 3], False)],
+        scheduled=[ScheduledRequest("a", [1, 2, 3], 0, [7, 8], True), ScheduledRequest("b", [9], 41, [1, 2, 3], False),
+                   ScheduledRequest("d", [4, 5], 2, [6], False, all_rows=True)],  # prompt logprobs: every row
         preempted_ids=["c"],
     )
     assert p.decode_step(p.encode_step(out)) == out
