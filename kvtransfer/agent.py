@@ -32,7 +32,9 @@ from splitserve.kvtransfer.transfer import PendingTransfer, TransferResult
 
 logger = logging.getLogger(__name__)
 
-PROBE_BYTES = 16 * 1024 * 1024  # the handshake's timed read: long enough to see a slow path, short on a fast one
+# The handshake's timed read: on GPUs long enough to see a slow path, short on a fast one; in
+# host memory (CPU-only machines, nothing to warn about) small, so a busy machine never times it out.
+PROBE_BYTES = {"VRAM": 16 * 1024 * 1024, "DRAM": 1024 * 1024}
 
 
 class Notification(NamedTuple):
@@ -94,10 +96,11 @@ class KVTransferAgent:
             block_bytes=block_bytes(kv_cache),
         )
         # The probe's destination: a read must never land in blocks the engine may be using.
-        self._scratch = torch.empty(PROBE_BYTES, dtype=torch.uint8, device=kv_cache.device)
+        probe_bytes = PROBE_BYTES[self.region.mem_type]
+        self._scratch = torch.empty(probe_bytes, dtype=torch.uint8, device=kv_cache.device)
         with translate_nixl_errors("registering the probe buffer", name):
             self._scratch_registration = self._nixl.register_memory(self._scratch)
-        self._scratch_region = CacheRegion(self.region.mem_type, self.region.device_id, self._scratch.data_ptr(), 1, PROBE_BYTES)
+        self._scratch_region = CacheRegion(self.region.mem_type, self.region.device_id, self._scratch.data_ptr(), 1, probe_bytes)
         self._export = _export(kv_cache) if cuda_ipc else None
         self._flat = kv_cache.view(-1).view(torch.uint8)  # the IPC path's copies address bytes
         self._stream: torch.cuda.Stream | None = None  # the IPC path's copies, off the engine's stream
@@ -158,7 +161,7 @@ class KVTransferAgent:
         (after one untimed read that sets the path up), for the handshake's bandwidth check.
         Each read has ``timeout``; one that misses it raises TransferTimeoutError."""
         remote = self._peer(peer_name).region
-        spans = [Span(0, 0, min(PROBE_BYTES, remote.num_bytes))]
+        spans = [Span(0, 0, min(self._scratch_region.num_bytes, remote.num_bytes))]
         await self._post("READ", peer_name, spans, (), b"", time.perf_counter(), scratch=True).wait_async(timeout)
         return await self._post("READ", peer_name, spans, (), b"", time.perf_counter(), scratch=True).wait_async(timeout)
 

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--device", default="cpu", help="where to generate the random weights (cuda is faster for big presets)")
     init.add_argument("--overwrite", action="store_true")
 
-    up = add_service("up", help="router + one prefill + one decode worker on this machine")
+    up = add_service("up", help="router + one prefill + one decode worker on this machine (--mode colocated: one worker that does both)")
     up.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: a random-weight demo model)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=port_number, default=50051)
