@@ -25,6 +25,7 @@ from splitserve.bench.metrics import compute_metrics
 from splitserve.profile.schema import Profile
 from splitserve.services.router.placement import EngineBudget, PlacementPolicy, PlacementSLO
 from splitserve.sim.cluster import Layout, Overheads, Simulator
+from splitserve.sim.router_view import ViewTiming
 from splitserve.sim.worker import EngineLimits
 from splitserve.sim.workload import WorkloadSpec, bench_requests
 
@@ -59,6 +60,9 @@ def main() -> int:
     p.add_argument("--gpus", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--workloads", nargs="+", default=list(RATES_PER_GPU))
     p.add_argument("--budget", type=int, default=8192, help="every worker's --max-num-batched-tokens")
+    p.add_argument("--exact-view", action="store_true",
+                   help="the router sees every worker's load at once (no heartbeat staleness, every request counted "
+                   "from dispatch): what a router that tracked its own placements fully would do")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     profile = Profile.load(args.profile)
@@ -84,7 +88,7 @@ def main() -> int:
                     num_prompts = max(w.min_prompts, round(rate * w.seconds_per_point))
                     spec = WorkloadSpec(num_prompts, w.input_len, w.output_len, rate, w.range_ratio, w.prefix_len, w.num_prefixes)
                     started = time.perf_counter()
-                    sim = Simulator(layout).run(bench_requests(spec))
+                    sim = Simulator(layout, view=None if args.exact_view else ViewTiming()).run(bench_requests(spec))
                     row = {"workload": name, "gpus": n, "layout": label, "placement": how, "rate": rate,
                            "num_prompts": num_prompts, "placements": sim.placements}
                     for slo_name, slos in SLO_SETS.items():

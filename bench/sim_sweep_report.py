@@ -21,12 +21,14 @@ def family(layout: str, gpus: int) -> str:
     if layout.endswith("C"):
         return "colocated"
     m = re.match(r"(\d+)P(\d+)D(-adaptive)?", layout)
-    share = {gpus // 4: "N/4", gpus // 2: "N/2", 3 * gpus // 4: "3N/4"}.get(int(m.group(1)), m.group(1))
+    # Later keys win where shares coincide (N=2: one prefill worker is N/2).
+    share = {3 * gpus // 4: "3N/4", gpus // 4: "N/4", gpus // 2: "N/2"}.get(int(m.group(1)), m.group(1))
     return f"{'adaptive ' if m.group(3) else ''}P={share}"
 
 
 def capacities(points: list[dict]) -> dict:
-    """(workload, gpus, layout) -> {column: (best goodput, rate, p99 ITL there)}."""
+    """(workload, gpus, layout) -> {column: (best goodput, rate, p99 ITL there)}. A best at the
+    grid's top rate is a lower bound of the layout's capacity (marked + in the tables)."""
     best: dict = defaultdict(dict)
     for p in points:
         key = (p["workload"], p["gpus"], p["layout"])
@@ -39,7 +41,7 @@ def capacities(points: list[dict]) -> dict:
     return best
 
 
-def markdown(best: dict, workloads: list[str], gpus: list[int]) -> str:
+def markdown(best: dict, workloads: list[str], gpus: list[int], top_rates: dict) -> str:
     lines = []
     for w in workloads:
         lines += [f"### {w}", "", "| GPUs | layout | " + " | ".join(f"{c} (req/s)" for c in COLUMNS.values()) + " |",
@@ -47,11 +49,13 @@ def markdown(best: dict, workloads: list[str], gpus: list[int]) -> str:
         for n in gpus:
             layouts = [k[2] for k in best if k[0] == w and k[1] == n]
             tops = {c: max(best[(w, n, lay)][c][0] for lay in layouts) for c in COLUMNS}
+            top_rate = top_rates[(w, n)]
             for lay in layouts:
                 cells = []
                 for c in COLUMNS:
-                    g = best[(w, n, lay)][c][0]
-                    cells.append(f"**{g:.2f}**" if g == tops[c] and g > 0 else f"{g:.2f}")
+                    g, rate, _ = best[(w, n, lay)][c]
+                    text = f"{g:.2f}{'+' if rate == top_rate else ''}"
+                    cells.append(f"**{text}**" if g == tops[c] and g > 0 else text)
                 lines.append(f"| {n} | {lay} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -112,8 +116,11 @@ def main() -> None:
     workloads = list(dict.fromkeys(p["workload"] for p in points))
     gpus = sorted({p["gpus"] for p in points})
     best = capacities(points)
+    top_rates: dict = {}
+    for p in points:
+        top_rates[(p["workload"], p["gpus"])] = max(top_rates.get((p["workload"], p["gpus"]), 0), p["rate"])
     (args.dir / "capacity.md").write_text(f"Sweep: `{data['command']}`\n\n" + winners(best, workloads, gpus) + "\n\n"
-                                          + markdown(best, workloads, gpus))
+                                          + markdown(best, workloads, gpus, top_rates))
     plot(best, workloads, gpus, args.dir / "capacity_per_gpu.png")
     print(winners(best, workloads, gpus))
 
