@@ -138,6 +138,10 @@ class Cluster:
         return started
 
     def stop(self) -> None:
+        """Workers drain together (each up to its --drain-seconds), then the router they leave."""
+        for service in self.workers:
+            service.signal(signal.SIGCONT)
+            service.signal(signal.SIGTERM)
         for service in [*self.workers, self.router]:
             service.stop()
 

@@ -21,8 +21,7 @@ def _all_free(service) -> bool:
 
 def test_prefill_killed_mid_request_is_retried_on_another(start_cluster):
     cluster = start_cluster()
-    stuck, healthy = cluster.add_workers(("prefill", "prefill-stuck"), ("prefill", "prefill-ok"))
-    (decode,) = cluster.add_workers(("decode", "decode-0"))
+    stuck, healthy, decode = cluster.add_workers(("prefill", "prefill-stuck"), ("prefill", "prefill-ok"), ("decode", "decode-0"))
     stuck.signal(signal.SIGSTOP)  # requests routed to it hang in its queue...
 
     async def run():
@@ -46,8 +45,7 @@ def test_prefill_killed_mid_request_is_retried_on_another(start_cluster):
 
 def test_no_prefill_worker_left_means_decode_prefills(start_cluster):
     cluster = start_cluster()
-    (prefill,) = cluster.add_workers(("prefill", "prefill-0"))
-    (decode,) = cluster.add_workers(("decode", "decode-0"))
+    prefill, decode = cluster.add_workers(("prefill", "prefill-0"), ("decode", "decode-0"))
     prefill.kill()
     result = Client(cluster.address).complete(list(range(3, 50)), max_tokens=3, ignore_eos=True, timeout=60)
     assert result.completion_tokens == 3
@@ -56,8 +54,7 @@ def test_no_prefill_worker_left_means_decode_prefills(start_cluster):
 
 def test_decode_killed_mid_stream_errors_and_prefill_releases_pinned_blocks(start_cluster):
     cluster = start_cluster(worker_args=["--lease-seconds", "120"])
-    (prefill,) = cluster.add_workers(("prefill", "prefill-0"))
-    (decode,) = cluster.add_workers(("decode", "decode-0"))
+    prefill, decode = cluster.add_workers(("prefill", "prefill-0"), ("decode", "decode-0"))
     decode.signal(signal.SIGSTOP)  # it will never read the KV the prefill worker pins
     stub = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(cluster.address))
     call = stub.Generate(build_request(list(range(3, 80)), max_tokens=50, ignore_eos=True), timeout=60)
@@ -75,8 +72,7 @@ def test_decode_killed_mid_stream_errors_and_prefill_releases_pinned_blocks(star
 
 def test_lease_expiry_frees_blocks_that_nobody_reads(start_cluster):
     cluster = start_cluster(worker_args=["--lease-seconds", "1"])
-    (prefill,) = cluster.add_workers(("prefill", "prefill-0"))
-    (decode,) = cluster.add_workers(("decode", "decode-0"))
+    prefill, decode = cluster.add_workers(("prefill", "prefill-0"), ("decode", "decode-0"))
     decode.signal(signal.SIGSTOP)
     stub = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(cluster.address))
     call = stub.Generate(build_request(list(range(3, 80)), max_tokens=50, ignore_eos=True), timeout=60)
@@ -109,8 +105,7 @@ def test_full_router_answers_resource_exhausted(start_cluster):
 
 def test_short_prompt_skips_the_prefill_worker(start_cluster, e2e_model_dir):
     cluster = start_cluster(router_args=["--prefill-threshold", "32"])
-    (prefill,) = cluster.add_workers(("prefill", "prefill-0"))
-    (decode,) = cluster.add_workers(("decode", "decode-0"))
+    prefill, decode = cluster.add_workers(("prefill", "prefill-0"), ("decode", "decode-0"))
     client = Client(cluster.address)
     short = client.complete(list(range(3, 13)), max_tokens=6, ignore_eos=True, timeout=60)
     assert prefill.stats().num_requests_finished == 0 and decode.stats().num_local_prefills == 1
@@ -127,8 +122,7 @@ def test_short_prompt_skips_the_prefill_worker(start_cluster, e2e_model_dir):
 
 def test_sigterm_drains_in_flight_requests(start_cluster):
     cluster = start_cluster()
-    cluster.add_workers(("prefill", "prefill-0"))
-    (decode,) = cluster.add_workers(("decode", "decode-0"))
+    _, decode = cluster.add_workers(("prefill", "prefill-0"), ("decode", "decode-0"))
 
     async def run():
         client = AsyncClient(cluster.address)
@@ -174,8 +168,7 @@ def test_requests_sent_while_a_decode_worker_drains_finish_on_another(start_clus
 
 def test_sigterm_on_prefill_stops_taking_work_and_lets_go_of_pinned_kv(start_cluster):
     cluster = start_cluster(worker_args=["--lease-seconds", "120"])
-    prefill, second = cluster.add_workers(("prefill", "prefill-0"), ("prefill", "prefill-1"))
-    (decode,) = cluster.add_workers(("decode", "decode-0"))
+    prefill, second, decode = cluster.add_workers(("prefill", "prefill-0"), ("prefill", "prefill-1"), ("decode", "decode-0"))
     decode.signal(signal.SIGSTOP)  # nobody will read what the prefill workers pin
     stub = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(cluster.address))
     calls = [stub.Generate(build_request([200 + i] + list(range(3, 60)), max_tokens=20, ignore_eos=True), timeout=90) for i in range(4)]

@@ -95,8 +95,7 @@ def test_restarted_prefill_worker_is_a_fresh_peer(start_cluster, greedy):
 
 def test_incompatible_prefill_peer_is_refused(start_cluster, greedy):
     cluster = start_cluster()
-    (prefill,) = cluster.add_workers(("prefill", "prefill-bf16"), extra=["--dtype", "bfloat16"])
-    (decode,) = cluster.add_workers(("decode", "decode-0"))
+    prefill, decode = cluster.add_workers(("prefill", "prefill-bf16", ["--dtype", "bfloat16"]), ("decode", "decode-0"))
     prompt = list(range(3, 50))
     result = Client(cluster.address).complete(prompt, max_tokens=4, ignore_eos=True, timeout=60)
     # The first token came from the bf16 prefill worker; its KV was refused, so decode recomputed
@@ -109,8 +108,7 @@ def test_incompatible_prefill_peer_is_refused(start_cluster, greedy):
 
 def test_router_does_not_route_to_a_worker_of_another_block_size(start_cluster, greedy):
     cluster = start_cluster()
-    (prefill,) = cluster.add_workers(("prefill", "prefill-bs8"), extra=["--block-size", "8"])
-    (decode,) = cluster.add_workers(("decode", "decode-0"))
+    prefill, decode = cluster.add_workers(("prefill", "prefill-bs8", ["--block-size", "8"]), ("decode", "decode-0"))
     prompt = list(range(3, 50))
     result = Client(cluster.address).complete(prompt, max_tokens=4, ignore_eos=True, timeout=60)
     assert result.token_ids == greedy(prompt, 4)  # the decode worker prefilled it itself

@@ -56,9 +56,7 @@ class Stream(threading.Thread):
 
 def test_a_killed_rank_takes_its_worker_down_and_the_router_stops_sending_to_it(start_cluster):
     cluster = start_cluster(router_args=["--policy", "round_robin"], worker_args=["--dtype", "float32", "--num-blocks", "512"])
-    cluster.add_workers(("prefill", "prefill-0"))
-    (tp2,) = cluster.add_workers(("decode", "decode-tp2"), extra=["--tp-size", "2"])
-    (tp1,) = cluster.add_workers(("decode", "decode-tp1"))
+    _, tp2, tp1 = cluster.add_workers(("prefill", "prefill-0"), ("decode", "decode-tp2", ["--tp-size", "2"]), ("decode", "decode-tp1"))
     (rank1,) = rank_processes(tp2.proc.pid)
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(tp2.address)).Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
     assert next(health).status == health_pb2.HealthCheckResponse.SERVING

@@ -38,8 +38,10 @@ def _all_free(*services) -> bool:
 @pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2)])
 def test_kv_moves_between_pools_of_different_tp_sizes(start_cluster, greedy, prefill_tp, decode_tp):
     cluster = start_cluster(worker_args=["--num-blocks", "96", "--block-size", "16", "--dtype", "float32"])
-    (prefill,) = cluster.add_workers(("prefill", f"prefill-tp{prefill_tp}"), extra=["--tp-size", str(prefill_tp)])
-    (decode,) = cluster.add_workers(("decode", f"decode-tp{decode_tp}"), extra=["--tp-size", str(decode_tp)])
+    prefill, decode = cluster.add_workers(
+        ("prefill", f"prefill-tp{prefill_tp}", ["--tp-size", str(prefill_tp)]),
+        ("decode", f"decode-tp{decode_tp}", ["--tp-size", str(decode_tp)]),
+    )
     # Each pool's TP size is part of its registration.
     assert registered_tp_sizes(cluster.address) == {f"prefill-tp{prefill_tp}": prefill_tp, f"decode-tp{decode_tp}": decode_tp}
     client = Client(cluster.address)
