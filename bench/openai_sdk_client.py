@@ -16,9 +16,13 @@ import asyncio
 import json
 import time
 
-import httpx
 import numpy as np
 import openai
+
+try:  # openai 3.x is built on httpx2; older releases on httpx
+    import httpx2 as httpx
+except ImportError:
+    import httpx
 
 
 async def one(client: openai.AsyncOpenAI, model: str, prompt: list[int], output_len: int) -> dict:
