@@ -12,7 +12,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     nixl-cu13==1.5.1 nixl==1.5.1 grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
     protobuf==7.36.2 redis==8.1.0 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.3 \
     pydantic-core==2.50.4 annotated-types==0.7.0 typing-inspection==0.4.5 annotated-doc==0.0.7 \
-    opentelemetry-api==1.45.2 py-spy \
+    opentelemetry-api==1.45.2 py-spy httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 \
     aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl idna \
     openai httpx httpcore anyio sniffio distro jiter h11 certifi
 # (the last two lines: bench serve's HTTP backends, and the openai client of bench/openai_sdk_client.py)
