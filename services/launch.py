@@ -8,6 +8,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
 from splitserve.controlplane import EMBEDDED_URLS, ControlPlane, ControlPlaneServicer, ControlPlaneUnavailable, MemoryControlPlane, RemoteControlPlane, connect
 from splitserve.models.arch import load_arch_config
 from splitserve.services.grpc_server import PortInUse, ServiceHost
@@ -82,10 +84,13 @@ async def serve_router(config: RouterConfig) -> None:
         raise SecurityConfigError(
             "--api-keys-file with the embedded control plane needs --worker-keys-file: workers register with a key of their own, never a client's"
         )
+    worker_key = read_worker_key(config.worker_keys_file)
     if embedded:
         control_plane = MemoryControlPlane()
     else:
-        control_plane = await connect(config.control_plane_url)
+        # Another router's embedded store takes worker keys only: this router presents its own.
+        control_plane = await _remote_control_plane(config.control_plane_url, config.tls, worker_key)
+        await _check_admitted(control_plane, config.control_plane_url)
     limits = ModelLimits(
         vocab_size=arch.vocab_size,
         max_model_len=config.max_model_len or arch.max_position_embeddings,
@@ -103,7 +108,6 @@ async def serve_router(config: RouterConfig) -> None:
         max_inflight=config.max_inflight,
         trust_request_chat_template=config.trust_request_chat_template,
     )
-    worker_key = read_worker_key(config.worker_keys_file)
     workers = WorkerDirectory(control_plane, config.block_size, security=router_to_workers(config.tls, worker_key))
     placer = None
     if config.placement_profile is not None:
@@ -166,7 +170,7 @@ async def serve_worker(config: WorkerConfig, listen: Listen, tls: TLSConfig | No
     metrics = ServiceMetrics(config.role)
     keys = ApiKeys(worker_keys_file, what="worker keys file") if worker_keys_file is not None else None
     worker_key = read_worker_key(worker_keys_file)
-    control_plane = await _worker_control_plane(config.control_plane_url, tls, worker_key)
+    control_plane = await _remote_control_plane(config.control_plane_url, tls, worker_key)
     name = "splitserve.v1.PrefillWorker" if config.role == "prefill" else "splitserve.v1.DecodeWorker"
     host = ServiceHost([name], metrics.registry)
     edge = ServiceEdge(host.server, keys, lambda: metrics.error("unauthenticated"), credential="worker key")
@@ -207,7 +211,18 @@ async def serve_worker(config: WorkerConfig, listen: Listen, tls: TLSConfig | No
     await runtime.stop()
 
 
-async def _worker_control_plane(url: str, tls: TLSConfig | None, api_key: str | None, timeout: float = 2.0) -> ControlPlane:
+async def _check_admitted(control_plane: ControlPlane, url: str) -> None:
+    """Fails the start, in one line, when the store refuses this process's credential (it would
+    otherwise fail every request with the store's refusal)."""
+    try:
+        await control_plane.live_workers()
+    except grpc.aio.AioRpcError as e:
+        if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            raise SecurityConfigError(f"the control plane at {url} refused this router: {e.details()} (give it the platform's --worker-keys-file)") from None
+        raise
+
+
+async def _remote_control_plane(url: str, tls: TLSConfig | None, api_key: str | None, timeout: float = 2.0) -> ControlPlane:
     """A router's embedded store over TLS (``grpcs://``) or with a worker key; any other store as connect() opens it."""
     scheme, _, target = url.partition("://")
     if scheme not in ("grpc", "grpcs") or (scheme == "grpc" and api_key is None):

@@ -48,10 +48,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def router_target(tiny_model: Path) -> Iterator[str]:
+def worker_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The platform's worker key: a second router of the same platform needs it too."""
+    path = tmp_path_factory.mktemp("keys") / "worker-keys"
+    path.write_text("bench-test-worker-key\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def router_target(tiny_model: Path, worker_keys: Path) -> Iterator[str]:
     model = tiny_model
     proc = subprocess.Popen(
-        [sys.executable, "-c", CLI, "up", "--model", str(model), "--port", str(free_port()), "--http-port", "0"],
+        [sys.executable, "-c", CLI, "up", "--model", str(model), "--port", str(free_port()), "--http-port", "0",
+         "--worker-keys-file", str(worker_keys)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,  # its own group: its workers can be cleaned up by this group id
     )
@@ -138,14 +147,16 @@ def test_sampling_options_reach_the_server(router_target: str, tmp_path: Path, c
     assert all(r["error_code"] == "INVALID_ARGUMENT" and "temperature" in r["error_message"] for r in records)
 
 
-def test_bench_serve_spreads_requests_over_several_routers(router_target: str, tiny_model: Path, tmp_path: Path, check_results) -> None:
+def test_bench_serve_spreads_requests_over_several_routers(
+    router_target: str, tiny_model: Path, worker_keys: Path, tmp_path: Path, check_results
+) -> None:
     """A second router of the same platform (the first router's store as its control plane):
     `--target A,B` sends requests to both in turn, and the second one serves its half."""
     env = {**os.environ, "NIXL_LOG_LEVEL": "WARN", "PYTHONUNBUFFERED": "1"}
     second = None
     try:
         second = Service("router", ["--model", str(tiny_model), "--port", "0", "--metrics-port", "0", "--http-port", "-1",
-                                    "--control-plane", f"grpc://{router_target}"], env)
+                                    "--control-plane", f"grpc://{router_target}", "--worker-keys-file", str(worker_keys)], env)
         second_target = second.wait_ready()
         argv = ["--target", f"{router_target},{second_target}", "--num-prompts", "8", "--input-len", "16",
                 "--output-len", "4", "--num-warmups", "0", "--seed", "2", "--request-timeout", "120",

@@ -324,3 +324,36 @@ def test_a_second_router_or_up_on_a_busy_port_exits_with_one_line(cluster, e2e_m
     assert result.returncode == 2
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}" in lines[0], lines
+
+
+# -- a second router of the platform --------------------------------------------------------
+
+
+def test_a_second_router_needs_the_worker_key_of_the_store_it_joins(cluster, e2e_model_dir, tmp_path):
+    """A router on another router's embedded store presents the worker key: without it the store
+    refuses it, and it says so in one line at start instead of failing every request."""
+    base = [sys.executable, "-m", "splitserve.cli", "router", "--model", str(e2e_model_dir), "--port", "0",
+            "--metrics-port", "-1", "--http-port", "-1", "--control-plane", f"grpc://{cluster.address}"]
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=180)
+    assert refused.returncode == 2
+    lines = [line for line in (refused.stdout + refused.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "refused this router" in lines[0], lines
+
+    (tmp_path / "workers").write_text(f"{WORKER_KEY}\n")
+    second = subprocess.Popen([*base, "--worker-keys-file", str(tmp_path / "workers")], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        address = None
+        for line in second.stdout:
+            if "listening on" in line:
+                address = line.split("listening on ")[1].split()[0]
+                break
+        assert address is not None, "the second router did not start"
+        c = Client(address)
+        try:
+            assert c.complete(PROMPT, max_tokens=4, temperature=0, ignore_eos=True, timeout=120).completion_tokens == 4
+        finally:
+            c.close()
+    finally:
+        second.terminate()
+        second.wait(timeout=60)
