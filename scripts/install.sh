@@ -72,4 +72,8 @@ say "installing splitserve (editable) with its test extras"
 say "installing NIXL (nixl-cu13 and the nixl import shim)"
 "${pip[@]}" nixl-cu13
 "${pip[@]}" --no-deps nixl
+say "installing checkov (the chart tests' policy check) into .venv-tools, apart: its pins would downgrade packages splitserve uses"
+[ -x .venv-tools/bin/python ] || "$VENV/bin/python" -m venv .venv-tools
+.venv-tools/bin/python -m pip install --upgrade pip
+.venv-tools/bin/python -m pip install checkov
 say "done: $VENV/bin/splitserve, $VENV/bin/python -m pytest (or: source $VENV/bin/activate)"
