@@ -153,3 +153,53 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, interval: f
             return True
         time.sleep(interval)
     return predicate()
+
+
+class UpProcess:
+    """`splitserve up ARGS` in its own process group; its output is kept in ``lines``.
+
+    ``wait_for(pattern)`` returns the first line's match (failing with the last lines printed),
+    ``stop()`` is Ctrl-C: up drains its workers, then the router; a group that does not end
+    within ``timeout`` is killed. Returns the exit status.
+    """
+
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "splitserve.cli", "up", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            env={**os.environ, "NIXL_LOG_LEVEL": "WARN"},
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: re.Pattern, timeout: float = 300.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                match = next((m for m in map(pattern.search, self.lines) if m), None)
+                if match is not None:
+                    return match
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    tail = "".join(self.lines[-40:])
+                    raise RuntimeError(f"splitserve up printed no line matching {pattern.pattern!r}:\n{tail}")
+                self._changed.wait(min(left, 1.0))
+
+    def stop(self, timeout: float = 90.0) -> int | None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            return None

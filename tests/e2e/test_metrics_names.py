@@ -3,13 +3,10 @@ with vLLM's types and a model_name label, beside splitserve's own series, and th
 to what the clients were told."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from splitserve.testing.cluster import wait_until
+from splitserve.testing.cluster import UpProcess, wait_until
 
 pytestmark = [pytest.mark.slow]
 
@@ -66,36 +63,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def up(e2e_model_dir: Path) -> Iterator[tuple[str, dict[str, str], list[str], subprocess.Popen]]:
     """(HTTP base URL, role -> metrics URL, the lines `up` printed, the process)."""
-    cmd = [sys.executable, "-m", "splitserve.cli", "up", "--model", str(e2e_model_dir), "--port", str(_free_port()),
-           "--http-port", str(_free_port())]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "NIXL_LOG_LEVEL": "WARN"})
-    lines: list[str] = []
-    found = threading.Event()
-
-    def pump() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if LISTENING.search(line):
-                found.set()
-        found.set()
-
-    threading.Thread(target=pump, daemon=True).start()
+    up = UpProcess(["--model", str(e2e_model_dir), "--port", str(_free_port()), "--http-port", str(_free_port())])
     try:
-        found.wait(300)
-        listening = next((m for m in map(LISTENING.search, lines) if m), None)
-        if listening is None:
-            pytest.fail(f"splitserve up did not come up:\n{''.join(lines[-40:])}")
-        metrics = {m.group(1): m.group(3) for m in map(ENDPOINT.search, lines) if m}
-        yield listening.group(2), metrics, lines, proc
+        listening = up.wait_for(LISTENING)
+        metrics = {m.group(1): m.group(3) for m in map(ENDPOINT.search, up.lines) if m}
+        yield listening.group(2), metrics, up.lines, up.proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        up.stop(60)
 
 
 def scrape(url: str) -> dict:

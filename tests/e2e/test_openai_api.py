@@ -5,15 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +17,7 @@ import openai
 import pytest
 
 from splitserve.client import Client
-from splitserve.testing.cluster import wait_until
+from splitserve.testing.cluster import UpProcess, wait_until
 from splitserve.v1 import worker_pb2 as worker_pb
 from splitserve.v1 import worker_pb2_grpc
 
@@ -65,36 +59,14 @@ def _free_port() -> int:
 def stack(e2e_model_dir: Path, tmp_path_factory) -> Iterator[Stack]:
     worker_keys = tmp_path_factory.mktemp("worker-keys") / "keys"
     worker_keys.write_text(WORKER_KEY + "\n")
-    cmd = [sys.executable, "-m", "splitserve.cli", "up", "--model", str(e2e_model_dir),
-           "--port", str(_free_port()), "--http-port", str(_free_port()), "--worker-keys-file", str(worker_keys)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "NIXL_LOG_LEVEL": "WARN"})
-    lines: list[str] = []
-    found = threading.Event()
-
-    def pump() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if LISTENING.search(line):
-                found.set()
-        found.set()
-
-    threading.Thread(target=pump, daemon=True).start()
+    up = UpProcess(["--model", str(e2e_model_dir), "--port", str(_free_port()), "--http-port", str(_free_port()),
+                    "--worker-keys-file", str(worker_keys)])
     try:
-        found.wait(300)
-        match = next((m for m in map(LISTENING.search, lines) if m), None)
-        if match is None:
-            pytest.fail(f"splitserve up did not come up:\n{''.join(lines[-40:])}")
-        workers = {m.group(1): m.group(2) for m in map(WORKER_READY.search, lines) if m}
+        match = up.wait_for(LISTENING)
+        workers = {m.group(1): m.group(2) for m in map(WORKER_READY.search, up.lines) if m}
         yield Stack(match.group(1), match.group(2), e2e_model_dir.name, workers)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # up drains and stops its workers
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        up.stop(60)
 
 
 @pytest.fixture(scope="module")
@@ -254,8 +226,7 @@ def test_wrong_method_and_path_and_timeout(stack):
 
 def test_a_client_that_leaves_frees_its_request_on_the_workers(stack):
     def decode_stats():
-        with grpc.insecure_channel(stack.workers["decode"]) as channel:
-            return worker_pb2_grpc.DecodeWorkerStub(channel).GetStats(worker_pb.StatsRequest(), timeout=10, metadata=STATS_AUTH)
+        return _decode_stats(stack)
 
     finished = decode_stats().num_requests_finished
     body = {"prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
@@ -414,19 +385,28 @@ def _merged_steps(stack: Stack) -> float:
     return float(re.search(r'^splitserve_router_merged_steps_total\{role="router"\} (\S+)', text, re.M).group(1))
 
 
-def _stream_tokens_per_event(stack: Stack, max_tokens: int, pause: float) -> list[int]:
+def _decode_stats(stack: Stack) -> worker_pb.WorkerStats:
+    with grpc.insecure_channel(stack.workers["decode"]) as channel:
+        return worker_pb2_grpc.DecodeWorkerStub(channel).GetStats(worker_pb.StatsRequest(), timeout=10, metadata=STATS_AUTH)
+
+
+def _stream_tokens_per_event(stack: Stack, max_tokens: int, pause_until: Callable[[], bool] | None = None) -> list[int]:
     """Streams a completion with logprobs (so every message is an event, text or not) over a raw
-    socket with a small receive buffer, pausing ``pause`` seconds after the first bytes; returns
-    the number of tokens each event carried."""
+    socket with a small receive buffer; after the first bytes it stops reading until
+    ``pause_until()`` holds (at most 300 s); returns the number of tokens each event carried."""
     host, port = stack.base_url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
-    body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "temperature": 0, "logprobs": 0}).encode()
+    # Each event carries 20 alternatives (~1 KB): what a falling-behind client leaves unread must
+    # outgrow the kernel's send buffer (autotuned up to tcp_wmem's 4 MB) before the router's
+    # writer blocks and the steps pile up there.
+    body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "temperature": 0, "logprobs": 20}).encode()
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
         s.connect((host, int(port)))
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n" % len(body) + body)
         data = s.recv(1024)
-        time.sleep(pause)
+        if pause_until is not None:
+            assert wait_until(pause_until, timeout=300, interval=0.2), "the pause's condition never held"
         while not data.endswith(b"0\r\n\r\n"):
             chunk = s.recv(1 << 16)
             assert chunk, "the server closed the stream early"
@@ -438,14 +418,22 @@ def _stream_tokens_per_event(stack: Stack, max_tokens: int, pause: float) -> lis
 def test_one_event_per_step_and_merged_steps_for_a_client_that_falls_behind(stack):
     # A client that keeps up: one token per event (a loaded machine may let the router itself fall
     # behind now and then, so most, not all).
-    counts = _stream_tokens_per_event(stack, 48, pause=0)
+    counts = _stream_tokens_per_event(stack, 48)
     assert sum(counts) == 48 and counts.count(1) >= 0.8 * len(counts), counts
-    # A client that stops reading: the server's writes block once the socket buffers are full, the
-    # steps made meanwhile wait in the router and go out together, and the router counts them.
+    # A client that stops reading until the decode worker has made every token: the server's
+    # writes block once the socket buffers are full, the steps made meanwhile wait in the router
+    # and go out together, and the router counts them. (A fixed pause made this depend on how
+    # many steps a loaded machine managed in it.)
+    # (Our request runs once its first bytes came, so a decode worker with nothing running or
+    # waiting has finished it, whatever earlier tests left behind.)
+    def generated() -> bool:
+        stats = _decode_stats(stack)
+        return stats.num_running == 0 and stats.num_waiting == 0
+
     before = _merged_steps(stack)
-    counts = _stream_tokens_per_event(stack, 1500, pause=10)
-    assert sum(counts) == 1500 and max(counts) > 1 and len(counts) < 1500
-    assert _merged_steps(stack) - before >= 1500 - len(counts)
+    counts = _stream_tokens_per_event(stack, 1900, generated)
+    assert sum(counts) == 1900 and max(counts) > 1 and len(counts) < 1900
+    assert _merged_steps(stack) - before >= 1900 - len(counts)
 
 
 # In process: refusals that need a router configured just so (nothing reaches a worker in any).
