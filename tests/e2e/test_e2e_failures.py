@@ -198,16 +198,18 @@ def test_a_full_decode_worker_refuses_with_resource_exhausted_and_keeps_serving(
     cluster = start_cluster(worker_args=["--max-num-seqs", "1", "--max-waiting", "1"])
     (decode,) = cluster.add_workers(("decode", "decode-0"))
     stub = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(cluster.address))
-    running = stub.Generate(build_request(list(range(3, 20)), max_tokens=400, ignore_eos=True), timeout=120)
+    # Long enough that the first is still running when the others arrive, however loaded the
+    # machine (a 10 s wait for the second to queue failed once while two suites ran).
+    running = stub.Generate(build_request(list(range(3, 20)), max_tokens=1000, ignore_eos=True), timeout=300)
     next(running)  # its first token: it runs
-    waiting = stub.Generate(build_request(list(range(4, 21)), max_tokens=400, ignore_eos=True), timeout=120)
-    assert wait_until(lambda: decode.stats().num_waiting == 1, timeout=10)
+    waiting = stub.Generate(build_request(list(range(4, 21)), max_tokens=1000, ignore_eos=True), timeout=300)
+    assert wait_until(lambda: decode.stats().num_waiting == 1, timeout=60)
     with pytest.raises(grpc.RpcError) as refused:
         next(stub.Generate(build_request(list(range(5, 22)), max_tokens=4, ignore_eos=True), timeout=30))
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
     assert "full" in refused.value.details()
-    assert 1 + sum(len(r.delta.token_ids) for r in running) == 400
-    assert sum(len(r.delta.token_ids) for r in waiting) == 400
+    assert 1 + sum(len(r.delta.token_ids) for r in running) == 1000
+    assert sum(len(r.delta.token_ids) for r in waiting) == 1000
     # A full worker is not a failed one: the router sends it the next request at once.
     assert Client(cluster.address).complete(list(range(6, 30)), max_tokens=3, ignore_eos=True, timeout=60).completion_tokens == 3
     stats = decode.stats()
