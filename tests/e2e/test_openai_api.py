@@ -390,15 +390,17 @@ def _decode_stats(stack: Stack) -> worker_pb.WorkerStats:
         return worker_pb2_grpc.DecodeWorkerStub(channel).GetStats(worker_pb.StatsRequest(), timeout=10, metadata=STATS_AUTH)
 
 
-def _stream_tokens_per_event(stack: Stack, max_tokens: int, pause_until: Callable[[], bool] | None = None) -> list[int]:
+def _stream_tokens_per_event(stack: Stack, max_tokens: int, pause_until: Callable[[], bool] | None = None, n: int = 1) -> list[int]:
     """Streams a completion with logprobs (so every message is an event, text or not) over a raw
     socket with a small receive buffer; after the first bytes it stops reading until
     ``pause_until()`` holds (at most 300 s); returns the number of tokens each event carried."""
     host, port = stack.base_url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
     # Each event carries 20 alternatives (~1 KB): what a falling-behind client leaves unread must
     # outgrow the kernel's send buffer (autotuned up to tcp_wmem's 4 MB) before the router's
-    # writer blocks and the steps pile up there.
-    body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "temperature": 0, "logprobs": 20}).encode()
+    # writer blocks and the steps pile up there; the slow client below asks for 4 choices of
+    # 1,900 tokens (~8 MB) so that it always does.
+    body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "n": n, "stream": True, "ignore_eos": True, "temperature": 0,
+                       "logprobs": 20}).encode()
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
         s.connect((host, int(port)))
@@ -431,9 +433,9 @@ def test_one_event_per_step_and_merged_steps_for_a_client_that_falls_behind(stac
         return stats.num_running == 0 and stats.num_waiting == 0
 
     before = _merged_steps(stack)
-    counts = _stream_tokens_per_event(stack, 1900, generated)
-    assert sum(counts) == 1900 and max(counts) > 1 and len(counts) < 1900
-    assert _merged_steps(stack) - before >= 1900 - len(counts)
+    counts = _stream_tokens_per_event(stack, 1900, generated, n=4)
+    assert sum(counts) == 4 * 1900 and max(counts) > 1 and len(counts) < 4 * 1900
+    assert _merged_steps(stack) - before >= 4 * 1900 - len(counts)
 
 
 # In process: refusals that need a router configured just so (nothing reaches a worker in any).
