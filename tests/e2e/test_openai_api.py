@@ -7,7 +7,7 @@ import asyncio
 import json
 import re
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -385,16 +385,11 @@ def _decode_stats(stack: Stack) -> worker_pb.WorkerStats:
         return worker_pb2_grpc.DecodeWorkerStub(channel).GetStats(worker_pb.StatsRequest(), timeout=10, metadata=STATS_AUTH)
 
 
-def _stream_tokens_per_event(stack: Stack, max_tokens: int, pause_until: Callable[[], bool] | None = None, n: int = 1) -> list[int]:
+def _stream_tokens_per_event(stack: Stack, max_tokens: int) -> list[int]:
     """Streams a completion with logprobs (so every message is an event, text or not) over a raw
-    socket with a small receive buffer; after the first bytes it stops reading until
-    ``pause_until()`` holds (at most 300 s); returns the number of tokens each event carried."""
+    socket; returns the number of tokens each event carried."""
     host, port = stack.base_url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
-    # Each event carries 20 alternatives (~1 KB): what a falling-behind client leaves unread must
-    # outgrow the kernel's send buffer (autotuned up to tcp_wmem's 4 MB) before the router's
-    # writer blocks and the steps pile up there; the slow client below asks for 4 choices of
-    # 1,900 tokens (~8 MB) so that it always does.
-    body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "n": n, "stream": True, "ignore_eos": True, "temperature": 0,
+    body = json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "temperature": 0,
                        "logprobs": 20}).encode()
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
@@ -402,8 +397,6 @@ def _stream_tokens_per_event(stack: Stack, max_tokens: int, pause_until: Callabl
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n" % len(body) + body)
         data = s.recv(1024)
-        if pause_until is not None:
-            assert wait_until(pause_until, timeout=300, interval=0.2), "the pause's condition never held"
         while not data.endswith(b"0\r\n\r\n"):
             chunk = s.recv(1 << 16)
             assert chunk, "the server closed the stream early"
