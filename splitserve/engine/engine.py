@@ -18,6 +18,7 @@ import torch
 from splitserve.config import EngineConfig
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.errors import InvalidRequestError, QueueFullError
+from splitserve.engine.grammar import GrammarCompiler, GrammarMatchers
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.model_runner import ModelRunner, Placeholders
 from splitserve.engine.request import PLACEHOLDER, FinishReason, Request, TokenLogprob
@@ -80,6 +81,7 @@ class LLMEngine:
         self.num_generation_tokens = 0
         self.num_prefix_queried_tokens = 0
         self._clock = RequestClock()
+        self._grammars: GrammarMatchers | None = None  # built with the first constrained request
 
     # -- requests ------------------------------------------------------------
 
@@ -112,6 +114,8 @@ class LLMEngine:
         bad = next((t for t, _ in params.logit_bias if t >= self.vocab_size), None)
         if bad is not None:
             raise InvalidRequestError("logit_bias", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if params.constraint is not None:
+            self.grammars.compiler.compile(params.constraint)  # cached: enqueue finds it compiled
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, **options) -> Request:
         """Checks and queues a request; ``options`` as ``enqueue`` takes them."""
@@ -163,6 +167,16 @@ class LLMEngine:
         return self.kv_cache_manager.get_block_ids(request_id)
 
     @property
+    def grammars(self) -> GrammarMatchers:
+        """The constrained requests' matchers (the checkpoint's tokenizer is loaded on first use)."""
+        if self._grammars is None:
+            from splitserve.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(self.config.model.model_dir)
+            self._grammars = GrammarMatchers(GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids))
+        return self._grammars
+
+    @property
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
@@ -199,6 +213,7 @@ class LLMEngine:
             return StepResult(outputs, out.kv_loads)
         # A request that stopped on the token just read back had this step's row computed for nothing.
         self.num_discarded_rows += sum(r.is_finished for r in to_sample)
+        logits = self._constrain(logits, to_sample)  # the tokens just read back advanced the matchers
         if self.sampler.samples_on_device(to_sample):
             tokens = self.sampler.sample_on_device(logits, to_sample)
             self.scheduler.advance(out)
@@ -211,6 +226,7 @@ class LLMEngine:
             sampled = {
                 r.request_id: result for r, result in zip(to_sample, self.sampler(logits, to_sample)) if not r.is_finished
             }
+            self._accept(to_sample, sampled)
             self.scheduler.update_from_output(out, sampled)
             outputs += [self._output(r, *sampled[r.request_id]) for r in to_sample if r.request_id in sampled]
         return StepResult(outputs, out.kv_loads)
@@ -222,7 +238,9 @@ class LLMEngine:
         if out.scheduled:
             logits = self._prompt_logprobs(out, self.runner.execute(out))
             to_sample = [self.scheduler.requests[s.request_id] for s in out.scheduled if s.sample]
+            logits = self._constrain(logits, to_sample)
             sampled = dict(zip((r.request_id for r in to_sample), self.sampler(logits, to_sample)))
+            self._accept(to_sample, sampled)
         self.scheduler.update_from_output(out, sampled)
         return StepResult([self._output(r, *sampled[r.request_id]) for r in to_sample], out.kv_loads)
 
@@ -259,6 +277,17 @@ class LLMEngine:
         if len(self._clock) > len(self.scheduler.requests) - len(self.scheduler.held):  # some ended without an output
             self._clock.forget([r for r in self._clock.known() if r not in self.scheduler.requests])
 
+    def _constrain(self, logits: torch.Tensor, to_sample: list[Request]) -> torch.Tensor:
+        """Masks the rows of constrained requests to their grammar (``grammar.GrammarMatchers``)."""
+        if not any(r.sampling_params.constraint is not None for r in to_sample):
+            return logits
+        return self.grammars.constrain(logits, to_sample)
+
+    def _accept(self, to_sample: list[Request], sampled: dict[str, tuple[int, TokenLogprob | None]]) -> None:
+        for request in to_sample:
+            if request.sampling_params.constraint is not None and request.request_id in sampled:
+                self.grammars.accept(request, sampled[request.request_id][0])
+
     @staticmethod
     def _placeholders(out: SchedulerOutput, previous: _InFlight | None) -> Placeholders | None:
         if previous is None:
@@ -284,6 +313,8 @@ class LLMEngine:
             if request.is_finished or not request.num_pending_tokens:
                 continue  # aborted, or stopped by the token before, while this one was computed
             request.resolve_placeholder(token_id)
+            if request.sampling_params.constraint is not None:
+                self.grammars.accept(request, token_id)
             self.scheduler.check_finished(request)
             outputs.append(self._output(request, token_id, None))
         return outputs
