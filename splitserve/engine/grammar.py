@@ -41,7 +41,7 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
         self.vocab_size = vocab_size
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids))
+        self.info = _tokenizer_info(tokenizer, vocab_size, sorted(stop_token_ids))
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_limit_bytes=256 * 1024 * 1024)
 
     def compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
@@ -49,7 +49,8 @@ class GrammarCompiler:
         c = self._compiler
         try:
             if constraint.kind == ConstraintKind.JSON_SCHEMA:
-                return c.compile_json_schema(constraint.spec, any_whitespace=constraint.any_whitespace, strict_mode=True)
+                schema = json.dumps(_bounded_strings(json.loads(constraint.spec)))
+                return c.compile_json_schema(schema, any_whitespace=constraint.any_whitespace, strict_mode=True)
             if constraint.kind == ConstraintKind.JSON_OBJECT:
                 if constraint.any_whitespace:
                     return c.compile_builtin_json_grammar()
@@ -64,6 +65,41 @@ class GrammarCompiler:
             raise
         except Exception as e:  # noqa: BLE001 -- xgrammar raises RuntimeError/ValueError with the parser's message
             raise InvalidRequestError(constraint.field, f"does not compile: {_error_text(e)}") from None
+
+
+def _tokenizer_info(tokenizer, vocab_size: int, stop_token_ids: list[int]) -> xgr.TokenizerInfo:
+    """xgrammar's view of the vocabulary, with the special tokens that are not stop tokens
+    (<|begin_of_text|>, <|im_start|>, ...) never allowed: xgrammar reads a special token it does
+    not know as its text, which the detokenizer then drops, breaking the output it checked."""
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+    special = {i for i in special if i < vocab_size} - set(stop_token_ids) - set(info.special_token_ids)
+    if not special:
+        return info
+    vocab = list(info.decoded_vocab)
+    for i in special:
+        vocab[i] = b""  # xgrammar's mark of a token that never matches
+    return xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+
+
+_LENGTH_KEYS = ("minLength", "maxLength")
+
+
+def _bounded_strings(schema):
+    """The schema with each length-bounded string given as a pattern of as many characters
+    other than controls: xgrammar 0.2.9 lets raw control characters into a string with
+    minLength/maxLength (its unbounded strings exclude them), which no JSON parser accepts.
+    Such strings then hold no escapes (no quote or backslash); the bounds move into the pattern."""
+    if isinstance(schema, list):
+        return [_bounded_strings(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _bounded_strings(v) for k, v in schema.items()}
+    typed_string = out.get("type") == "string" or (out.get("type") is None and any(k in out for k in _LENGTH_KEYS))
+    if typed_string and any(k in out for k in _LENGTH_KEYS) and not any(k in out for k in ("pattern", "format", "enum", "const")):
+        low, high = int(out.pop("minLength", 0)), out.pop("maxLength", None)
+        out["pattern"] = f"^[^\\x00-\\x1f\"\\\\]{{{low},{'' if high is None else int(high)}}}$"
+    return out
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:

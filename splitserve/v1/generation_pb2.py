@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitserve/v1/generation.proto\x12\rsplitserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xc6\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12@\n\nlogit_bias\x18\t \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\xb2\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x1c\n\x0ftimeout_seconds\x18\x0b \x01(\x01H\x01\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0c \x01(\x08H\x02\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\rH\x03\x88\x01\x01\x42\x08\n\x06promptB\x12\n\x10_timeout_secondsB\x16\n\x14_skip_special_tokensB\x12\n\x10_prompt_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"\x8d\x01\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x34\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x82\x01\n\x05\x46inal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x0c\n\x04stop\x18\x03 \x01(\t\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.splitserve.v1.Usage\"h\n\x10GenerateResponse\x12%\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x14.splitserve.v1.DeltaH\x00\x12%\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x14.splitserve.v1.FinalH\x00\x42\x06\n\x04kind\"\x12\n\x10ModelInfoRequest\"\xa0\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x18\n\x10max_tokens_limit\x18\x06 \x01(\r\x12\x12\n\nblock_size\x18\x07 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa6\x01\n\nGeneration\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12I\n\x0cGetModelInfo\x12\x1f.splitserve.v1.ModelInfoRequest\x1a\x18.splitserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitserve/v1/generation.proto\x12\rsplitserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xf5\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12@\n\nlogit_bias\x18\t \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x12-\n\nconstraint\x18\n \x01(\x0b\x32\x19.splitserve.v1.Constraint\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xb0\x01\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.splitserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x1e\n\x16\x64isable_any_whitespace\x18\x06 \x01(\x08\x42\x06\n\x04kind\"\xb2\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\r\x12\x1c\n\x0ftimeout_seconds\x18\x0b \x01(\x01H\x01\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0c \x01(\x08H\x02\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\rH\x03\x88\x01\x01\x42\x08\n\x06promptB\x12\n\x10_timeout_secondsB\x16\n\x14_skip_special_tokensB\x12\n\x10_prompt_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"\x8d\x01\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x34\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x82\x01\n\x05\x46inal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x0c\n\x04stop\x18\x03 \x01(\t\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.splitserve.v1.Usage\"h\n\x10GenerateResponse\x12%\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x14.splitserve.v1.DeltaH\x00\x12%\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x14.splitserve.v1.FinalH\x00\x42\x06\n\x04kind\"\x12\n\x10ModelInfoRequest\"\xa0\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x18\n\x10max_tokens_limit\x18\x06 \x01(\r\x12\x12\n\nblock_size\x18\x07 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa6\x01\n\nGeneration\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12I\n\x0cGetModelInfo\x12\x1f.splitserve.v1.ModelInfoRequest\x1a\x18.splitserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1763
-  _globals['_FINISHREASON']._serialized_end=1883
+  _globals['_FINISHREASON']._serialized_start=2017
+  _globals['_FINISHREASON']._serialized_end=2137
   _globals['_TOKENIDS']._serialized_start=49
   _globals['_TOKENIDS']._serialized_end=72
   _globals['_SAMPLINGPARAMS']._serialized_start=75
-  _globals['_SAMPLINGPARAMS']._serialized_end=529
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=360
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=408
-  _globals['_GENERATEREQUEST']._serialized_start=532
-  _globals['_GENERATEREQUEST']._serialized_end=966
-  _globals['_TOPLOGPROB']._serialized_start=968
-  _globals['_TOPLOGPROB']._serialized_end=1015
-  _globals['_TOKENLOGPROB']._serialized_start=1017
-  _globals['_TOKENLOGPROB']._serialized_end=1106
-  _globals['_DELTA']._serialized_start=1109
-  _globals['_DELTA']._serialized_end=1250
-  _globals['_USAGE']._serialized_start=1252
-  _globals['_USAGE']._serialized_end=1339
-  _globals['_FINAL']._serialized_start=1342
-  _globals['_FINAL']._serialized_end=1472
-  _globals['_GENERATERESPONSE']._serialized_start=1474
-  _globals['_GENERATERESPONSE']._serialized_end=1578
-  _globals['_MODELINFOREQUEST']._serialized_start=1580
-  _globals['_MODELINFOREQUEST']._serialized_end=1598
-  _globals['_MODELINFO']._serialized_start=1601
-  _globals['_MODELINFO']._serialized_end=1761
-  _globals['_GENERATION']._serialized_start=1886
-  _globals['_GENERATION']._serialized_end=2052
+  _globals['_SAMPLINGPARAMS']._serialized_end=576
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=407
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=455
+  _globals['_CHOICES']._serialized_start=578
+  _globals['_CHOICES']._serialized_end=604
+  _globals['_CONSTRAINT']._serialized_start=607
+  _globals['_CONSTRAINT']._serialized_end=783
+  _globals['_GENERATEREQUEST']._serialized_start=786
+  _globals['_GENERATEREQUEST']._serialized_end=1220
+  _globals['_TOPLOGPROB']._serialized_start=1222
+  _globals['_TOPLOGPROB']._serialized_end=1269
+  _globals['_TOKENLOGPROB']._serialized_start=1271
+  _globals['_TOKENLOGPROB']._serialized_end=1360
+  _globals['_DELTA']._serialized_start=1363
+  _globals['_DELTA']._serialized_end=1504
+  _globals['_USAGE']._serialized_start=1506
+  _globals['_USAGE']._serialized_end=1593
+  _globals['_FINAL']._serialized_start=1596
+  _globals['_FINAL']._serialized_end=1726
+  _globals['_GENERATERESPONSE']._serialized_start=1728
+  _globals['_GENERATERESPONSE']._serialized_end=1832
+  _globals['_MODELINFOREQUEST']._serialized_start=1834
+  _globals['_MODELINFOREQUEST']._serialized_end=1852
+  _globals['_MODELINFO']._serialized_start=1855
+  _globals['_MODELINFO']._serialized_end=2015
+  _globals['_GENERATION']._serialized_start=2140
+  _globals['_GENERATION']._serialized_end=2306
 # @@protoc_insertion_point(module_scope)
