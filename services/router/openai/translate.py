@@ -11,6 +11,7 @@ from splitserve.services.router.openai.protocol import (
 )
 from transformers import PreTrainedTokenizerBase
 
+from splitserve.services.router.openai.structured import constraint
 from splitserve.services.router.request_input import ModelLimits
 from splitserve.v1 import generation_pb2 as gen_pb
 
@@ -59,7 +60,16 @@ def _generate_request(req: OpenAIRequest, max_tokens: int | None, logprobs: bool
     if req.timeout_seconds is not None:
         msg.timeout_seconds = req.timeout_seconds
     msg.sampling.logit_bias.update(_logit_bias(req.logit_bias or {}))
+    found = constraint(req, req.response_format)
+    if found is not None:
+        msg.sampling.constraint.CopyFrom(found[0])
     return msg
+
+
+def constraint_param(req: OpenAIRequest) -> str | None:
+    """The OpenAI field the request's constraint came from (for errors found after translation)."""
+    found = constraint(req, req.response_format)
+    return found[1] if found is not None else None
 
 
 def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
@@ -106,8 +116,6 @@ def chat_request(
         raise _unsupported("prompt_logprobs", "is taken on /v1/completions (send the chat prompt's token ids from /tokenize)")
     if req.tools and req.tool_choice != "none":
         raise _unsupported("tools", "tool calling is not supported")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise _unsupported("response_format", f"only type 'text' is supported (got {req.response_format.get('type')!r})")
     if req.top_logprobs is not None and not req.logprobs:
         raise OpenAIError(400, "top_logprobs: needs logprobs to be true", param="top_logprobs")
     if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
