@@ -26,6 +26,9 @@ from splitserve.engine.constraint import Constraint, ConstraintKind
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.request import PLACEHOLDER, Request
 
+# JSON's optional whitespace, at most this many characters in one place (pretty-printing three
+# levels deep takes 13): a model that falls into writing blank lines still reaches the end.
+MAX_JSON_WHITESPACE = 24
 _LOCATION = re.compile(r"^\[[^\]]*\]\s+\S+:\d+:\s*")  # xgrammar's "[time] file.cc:line: " prefix
 
 
@@ -50,11 +53,9 @@ class GrammarCompiler:
         try:
             if constraint.kind == ConstraintKind.JSON_SCHEMA:
                 schema = json.dumps(_bounded_strings(json.loads(constraint.spec)))
-                return c.compile_json_schema(schema, any_whitespace=constraint.any_whitespace, strict_mode=True)
-            if constraint.kind == ConstraintKind.JSON_OBJECT:
-                if constraint.any_whitespace:
-                    return c.compile_builtin_json_grammar()
-                return c.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+                return c.compile_json_schema(schema, strict_mode=True, **_whitespace(constraint))
+            if constraint.kind == ConstraintKind.JSON_OBJECT:  # an object, as OpenAI's json_object means (not any JSON value)
+                return c.compile_json_schema('{"type": "object"}', strict_mode=False, **_whitespace(constraint))
             if constraint.kind == ConstraintKind.REGEX:
                 return c.compile_regex(constraint.spec)
             if constraint.kind == ConstraintKind.CHOICE:
@@ -65,6 +66,12 @@ class GrammarCompiler:
             raise
         except Exception as e:  # noqa: BLE001 -- xgrammar raises RuntimeError/ValueError with the parser's message
             raise InvalidRequestError(constraint.field, f"does not compile: {_error_text(e)}") from None
+
+
+def _whitespace(constraint: Constraint) -> dict:
+    if not constraint.any_whitespace:
+        return {"any_whitespace": False}
+    return {"any_whitespace": True, "max_whitespace_cnt": MAX_JSON_WHITESPACE}
 
 
 def _tokenizer_info(tokenizer, vocab_size: int, stop_token_ids: list[int]) -> xgr.TokenizerInfo:

@@ -50,10 +50,8 @@ def _from_response_format(fmt: dict[str, Any]) -> tuple[gen_pb.Constraint, str] 
                       param="response_format.type", code="unsupported_parameter")
 
 
-def _from_fields(fields: dict[str, Any], prefix: str, whitespace: bool) -> tuple[gen_pb.Constraint, str]:
-    """``fields``: {json|regex|choice|grammar|json_object: value}, exactly one set."""
-    key, value = next(iter(fields.items()))
-    param = f"{prefix}{key}"
+def _from_field(key: str, value: Any, param: str, whitespace: bool) -> tuple[gen_pb.Constraint, str]:
+    """``key``: json, regex, choice, grammar or json_object; ``param``: the request field that set it."""
     msg = gen_pb.Constraint(disable_any_whitespace=whitespace)
     if key == "json":
         msg.json_schema = _schema_text(value, param)
@@ -88,11 +86,11 @@ def constraint(req: OpenAIRequest, response_format: dict[str, Any] | None) -> tu
     if len(set_keys) > 1:
         raise _bad("structured_outputs", f"set one of {', '.join(_STRUCTURED_KEYS)}, got {', '.join(set_keys)}")
     whitespace = structured.get("disable_any_whitespace", False) is True
-    if set_keys:
-        found.append(_from_fields(set_keys, "structured_outputs.", whitespace))
+    for key, value in set_keys.items():
+        found.append(_from_field(key, value, f"structured_outputs.{key}", whitespace))
     for name, key in _GUIDED.items():
         if (value := getattr(req, name)) is not None:
-            found.append((_from_fields({key: value}, "", whitespace)[0], name))
+            found.append(_from_field(key, value, name, whitespace))
     if req.guided_whitespace_pattern is not None:
         raise OpenAIError(400, "guided_whitespace_pattern: is not supported (send structured_outputs.disable_any_whitespace)",
                           param="guided_whitespace_pattern", code="unsupported_parameter")
