@@ -158,20 +158,20 @@ MESSAGES = [{"role": "user", "content": "Describe a city."}]
 
 def test_response_format_json_schema_through_the_openai_client(up, client, model):
     out = client.chat.completions.create(
-        model=model, messages=MESSAGES, max_tokens=150, temperature=0,
+        model=model, messages=MESSAGES, max_tokens=1200, temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA, "strict": True}},
     )
     assert out.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(out.choices[0].message.content), SCHEMA)
     streamed = list(client.chat.completions.create(
-        model=model, messages=MESSAGES, max_tokens=150, temperature=0, stream=True,
+        model=model, messages=MESSAGES, max_tokens=1200, temperature=0, stream=True,
         response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}},
     ))
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == out.choices[0].message.content
 
 
 def test_response_format_json_object_and_vllm_fields(client, model, closing_bias):
-    out = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=200, temperature=0,
+    out = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1200, temperature=0,
                                          response_format={"type": "json_object"}, logit_bias=closing_bias)
     assert out.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(out.choices[0].message.content), dict)
@@ -184,9 +184,9 @@ def test_response_format_json_object_and_vllm_fields(client, model, closing_bias
         ({"guided_regex": REGEX}, lambda t: re.fullmatch(REGEX, t)),
         ({"guided_choice": CHOICES}, lambda t: t in CHOICES),
     ]:
-        chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=150, temperature=0, extra_body=extra)
+        chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1200, temperature=0, extra_body=extra)
         assert check(chat.choices[0].message.content), (extra, chat.choices[0].message.content)
-        text = client.completions.create(model=model, prompt="Once upon", max_tokens=150, temperature=0.8, seed=7, extra_body=extra)
+        text = client.completions.create(model=model, prompt="Once upon", max_tokens=1200, temperature=0.8, seed=7, extra_body=extra)
         assert check(text.choices[0].text), (extra, text.choices[0].text)
 
 
@@ -221,3 +221,51 @@ def test_invalid_structured_output_is_a_400_naming_the_field(up, model, body, pa
     error = r.json()["error"]
     assert error["param"] == param, error
     assert error["message"].startswith(param), error
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET", "PST"]}}, "required": ["zone"]}}}
+
+
+def _calls(message_calls) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message_calls]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_tool_calls_whole_and_streamed_agree(client, model, tool_choice):
+    kwargs = dict(model=model, messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER, TIME],
+                  tool_choice=tool_choice, max_tokens=1200, temperature=0)
+    whole = client.chat.completions.create(**kwargs)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = _calls(choice.message.tool_calls)
+    assert calls and all(c.id.startswith("call_") and c.type == "function" for c in choice.message.tool_calls)
+    for name, arguments in calls:
+        schema = {"get_weather": WEATHER, "get_time": TIME}[name]["function"]["parameters"]
+        jsonschema.validate(arguments, schema)
+    if isinstance(tool_choice, dict):
+        assert [name for name, _ in calls] == ["get_time"]
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assembled: dict[int, dict] = {}
+    for d in deltas:
+        entry = assembled.setdefault(d.index, {"name": "", "arguments": ""})
+        entry["name"] += d.function.name or ""
+        entry["arguments"] += d.function.arguments or ""
+    assert [(e["name"], json.loads(e["arguments"])) for _, e in sorted(assembled.items())] == calls
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_tool_choice_auto_and_unknown_names_are_refused(up, model):
+    import httpx
+
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 8, "tools": [WEATHER]}
+    r = httpx.post(f"{up[1]}/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    r = httpx.post(f"{up[1]}/chat/completions", json={**body, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice.function.name"
+    r = httpx.post(f"{up[1]}/chat/completions", json={**body, "tool_choice": "none"}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None

@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from splitserve.services.router.openai.tools import ToolMode
 from splitserve.v1 import generation_pb2 as gen_pb
 
 FINISH_REASONS = {gen_pb.FINISH_REASON_STOP: "stop", gen_pb.FINISH_REASON_LENGTH: "length", gen_pb.FINISH_REASON_ABORT: "abort"}
@@ -153,6 +154,35 @@ class CompletionFormatter(Formatter):
 
 class ChatFormatter(Formatter):
     id_prefix, object_name, chunk_object_name = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, *args, tool_mode: ToolMode | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tool_mode = tool_mode  # the output is tool calls (services/router/openai/tools.py)
+        self._tool_text: dict[int, list[str]] = {}
+
+    def _whole_choice(self, index, c):
+        if self.tool_mode is None or c.final.finish_reason != gen_pb.FINISH_REASON_STOP:
+            return super()._whole_choice(index, c)
+        message = {"role": "assistant", "content": None, "tool_calls": self.tool_mode.calls("".join(c.text))}
+        logprobs = {"content": [self._entry(t) for t in c.tokens]} if self.with_logprobs else None
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": "tool_calls"}
+
+    def delta_event(self, delta, index=0):
+        if self.tool_mode is None:
+            return super().delta_event(delta, index)
+        self._tool_text.setdefault(index, []).append(delta.text)  # sent as calls once complete
+        return None
+
+    def finish_event(self, final, index=0):
+        text = "".join(self._tool_text.pop(index, []))
+        if self.tool_mode is None or final.finish_reason != gen_pb.FINISH_REASON_STOP:
+            return super().finish_event(final, index)
+        events = []
+        for i, call in enumerate(self.tool_mode.calls(text)):
+            delta = {"tool_calls": [{"index": i, **call}]}
+            events.append(sse(self._body(self.chunk_object_name, [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}], stream=True)))
+        last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+        return "".join(events) + sse(self._body(self.chunk_object_name, [last], stream=True))
 
     def role_event(self, index: int = 0) -> str:
         """Streams open with the assistant's role, as OpenAI's do."""
