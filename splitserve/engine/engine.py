@@ -146,6 +146,8 @@ class LLMEngine:
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids)
         if first_token is not None:
             request.append_output(first_token.token_id, first_token if params.logprobs or params.top_logprobs else None)
+        if params.constraint is not None:
+            self.grammars.matcher(request)  # a first token outside the grammar is refused here, not mid-step
         self.scheduler.add_request(request, remote_kv=remote_kv, hold_kv=hold_kv)
         self._clock.queued(request_id)
         return request

@@ -259,13 +259,59 @@ def test_tool_calls_whole_and_streamed_agree(client, model, tool_choice):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
-def test_tool_choice_auto_and_unknown_names_are_refused(up, model):
+def test_tool_choice_auto_parses_the_family_format_whole_and_streamed(client, model):
+    """auto: the model decides. Random weights would not call a tool, so the request also
+    constrains the text to a call in Llama 3's JSON format (the tiny checkpoint is a llama);
+    the router's llama3_json parser reads it out, whole and streamed alike."""
+    call = {"type": "object", "properties": {"name": {"const": "get_time"}, "parameters": TIME["function"]["parameters"]},
+            "required": ["name", "parameters"]}
+    kwargs = dict(model=model, messages=[{"role": "user", "content": "Time?"}], tools=[WEATHER, TIME], max_tokens=1200,
+                  temperature=0, extra_body={"structured_outputs": {"json": call}})
+    whole = client.chat.completions.create(**kwargs)
+    assert whole.choices[0].finish_reason == "tool_calls"
+    calls = _calls(whole.choices[0].message.tool_calls)
+    assert [name for name, _ in calls] == ["get_time"]
+    jsonschema.validate(calls[0][1], TIME["function"]["parameters"])
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == calls
+    # Free text under auto stays text.
+    free = client.chat.completions.create(model=model, messages=MESSAGES, tools=[WEATHER], max_tokens=12, temperature=0,
+                                          extra_body={"structured_outputs": {"regex": "[a-z ]{5,20}"}})
+    assert free.choices[0].message.tool_calls is None and free.choices[0].finish_reason == "stop"
+    assert re.fullmatch("[a-z ]{5,20}", free.choices[0].message.content)
+
+
+def test_tool_choice_errors_are_400_naming_the_field(up, model):
     import httpx
 
     body = {"model": model, "messages": MESSAGES, "max_tokens": 8, "tools": [WEATHER]}
-    r = httpx.post(f"{up[1]}/chat/completions", json=body, timeout=60)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
     r = httpx.post(f"{up[1]}/chat/completions", json={**body, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice.function.name"
+    r = httpx.post(f"{up[1]}/chat/completions", json={**body, "tools": [{"type": "function", "function": {"parameters": {}}}]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools.0"
+    r = httpx.post(f"{up[1]}/chat/completions", json={**body, "tool_choice": "required", "response_format": {"type": "json_object"}}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
     r = httpx.post(f"{up[1]}/chat/completions", json={**body, "tool_choice": "none"}, timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_langchain_structured_output_and_bind_tools(up, model):
+    """LangChain's ChatOpenAI against `splitserve up`: with_structured_output (JSON schema, and
+    function calling), bind_tools with a required and a named tool, and tools left to auto."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    llm = langchain_openai.ChatOpenAI(model=model, base_url=up[1], api_key="unused", temperature=0, max_tokens=1200, max_retries=0, timeout=120)
+    schema = {"title": "City", "description": "A city", **SCHEMA}
+    city = llm.with_structured_output(schema, method="json_schema").invoke("Describe a city.")
+    jsonschema.validate(city, SCHEMA)
+    city = llm.with_structured_output(schema, method="function_calling").invoke("Describe a city.")
+    jsonschema.validate(city, SCHEMA)
+    message = llm.bind_tools([WEATHER, TIME], tool_choice="any").invoke("Weather in Oslo?")
+    assert message.tool_calls and {c["name"] for c in message.tool_calls} <= {"get_weather", "get_time"}
+    for call in message.tool_calls:
+        jsonschema.validate(call["args"], {"get_weather": WEATHER, "get_time": TIME}[call["name"]]["function"]["parameters"])
+    message = llm.bind_tools([WEATHER, TIME], tool_choice="get_weather").invoke("Weather in Oslo?")
+    assert [c["name"] for c in message.tool_calls] == ["get_weather"]
+    jsonschema.validate(message.tool_calls[0]["args"], WEATHER["function"]["parameters"])
+    free = llm.bind_tools([WEATHER]).bind(max_tokens=8).invoke("Hello")
+    assert isinstance(free.content, str)

@@ -162,9 +162,9 @@ def _run_enqueued(engine, request_id: str) -> tuple[list[int], FinishReason]:
 def test_a_first_token_outside_the_grammar_is_refused(make_engine, llama_tiny_dir, tokenizer):
     engine = make_engine(llama_tiny_dir, num_blocks=512)
     params = SamplingParams(max_tokens=8, temperature=0.0, constraint=Constraint.regex("[0-9]+"))
-    engine.enqueue("r", [3, 4, 5], params, first_token=TokenLogprob(tokenizer.encode("x", add_special_tokens=False)[0], 0.0))
     with pytest.raises(InvalidRequestError, match="constraint.regex"):
-        engine.step()
+        engine.enqueue("r", [3, 4, 5], params, first_token=TokenLogprob(tokenizer.encode("x", add_special_tokens=False)[0], 0.0))
+    assert not engine.has_unfinished
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from splitserve.services.router.openai.choices import Choice, open_stream, whole
 from splitserve.services.router.openai.prompts import output_budget, prompt_token_ids
 from splitserve.services.router.openai.responses import ChatFormatter, CompletionFormatter, Formatter, sse
 from splitserve.services.router.openai.tokens import TokenRoutes
-from splitserve.services.router.openai.tools import tool_constraint
+from splitserve.services.router.openai.tools import tool_parser
 from splitserve.services.router.openai.translate import chat_request, check_logit_bias, completion_request, constraint_param
 from starlette.exceptions import HTTPException
 
@@ -143,8 +143,8 @@ class OpenAIRoutes:
         message.max_tokens = self._invalid_counted(lambda: output_budget(requested, num_prompt_tokens, self.limits, param))
         choices = [Choice(m, num_prompt_tokens=num_prompt_tokens) for m in _samples(message, req.n)]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        tools = tool_constraint(req.tools, req.tool_choice)
-        fmt = ChatFormatter(self.model, self.service.tokenizer, req.logprobs, include_usage, tool_mode=tools[0] if tools else None)
+        parser = tool_parser(req.tools, req.tool_choice, settings.architecture)
+        fmt = ChatFormatter(self.model, self.service.tokenizer, req.logprobs, include_usage, tool_parser=parser)
         return await self._respond(request, choices, fmt, req.stream, num_prompt_tokens, "messages", constraint_param(req))
 
     async def _counted(self, work):

@@ -15,7 +15,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from splitserve.services.router.openai.tools import ToolMode
+from splitserve.services.router.openai.tool_parsers import StreamSplitter, ToolParser
+from splitserve.services.router.openai.tools import openai_calls
 from splitserve.v1 import generation_pb2 as gen_pb
 
 FINISH_REASONS = {gen_pb.FINISH_REASON_STOP: "stop", gen_pb.FINISH_REASON_LENGTH: "length", gen_pb.FINISH_REASON_ABORT: "abort"}
@@ -155,32 +156,44 @@ class CompletionFormatter(Formatter):
 class ChatFormatter(Formatter):
     id_prefix, object_name, chunk_object_name = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, *args, tool_mode: ToolMode | None = None, **kwargs) -> None:
+    def __init__(self, *args, tool_parser: ToolParser | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.tool_mode = tool_mode  # the output is tool calls (services/router/openai/tools.py)
-        self._tool_text: dict[int, list[str]] = {}
+        self.tool_parser = tool_parser  # the output may hold tool calls (services/router/openai/tools.py)
+        self._splitters: dict[int, StreamSplitter] = {}
 
     def _whole_choice(self, index, c):
-        if self.tool_mode is None or c.final.finish_reason != gen_pb.FINISH_REASON_STOP:
+        if self.tool_parser is None or c.final.finish_reason != gen_pb.FINISH_REASON_STOP:
             return super()._whole_choice(index, c)
-        message = {"role": "assistant", "content": None, "tool_calls": self.tool_mode.calls("".join(c.text))}
+        content, calls = self.tool_parser.parse("".join(c.text))
+        if not calls:
+            return super()._whole_choice(index, c)
+        message = {"role": "assistant", "content": content, "tool_calls": openai_calls(calls)}
         logprobs = {"content": [self._entry(t) for t in c.tokens]} if self.with_logprobs else None
         return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": "tool_calls"}
 
     def delta_event(self, delta, index=0):
-        if self.tool_mode is None:
+        if self.tool_parser is None:
             return super().delta_event(delta, index)
-        self._tool_text.setdefault(index, []).append(delta.text)  # sent as calls once complete
-        return None
+        splitter = self._splitters.setdefault(index, StreamSplitter(self.tool_parser))
+        text = splitter.feed(delta.text)
+        logprobs = delta.logprobs if self.with_logprobs else []
+        if not text and not logprobs:
+            return None
+        return sse(self._body(self.chunk_object_name, [self._choice(index, text, logprobs, None, whole=False)], stream=True))
 
     def finish_event(self, final, index=0):
-        text = "".join(self._tool_text.pop(index, []))
-        if self.tool_mode is None or final.finish_reason != gen_pb.FINISH_REASON_STOP:
+        splitter = self._splitters.pop(index, None)
+        if splitter is None:
             return super().finish_event(final, index)
+        rest, calls = splitter.finish() if final.finish_reason == gen_pb.FINISH_REASON_STOP else (splitter.text[splitter.sent:], [])
         events = []
-        for i, call in enumerate(self.tool_mode.calls(text)):
+        if rest:
+            events.append(sse(self._body(self.chunk_object_name, [self._choice(index, rest, [], None, whole=False)], stream=True)))
+        for i, call in enumerate(openai_calls(calls)):
             delta = {"tool_calls": [{"index": i, **call}]}
             events.append(sse(self._body(self.chunk_object_name, [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}], stream=True)))
+        if not calls:
+            return "".join(events) + super().finish_event(final, index)
         last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
         return "".join(events) + sse(self._body(self.chunk_object_name, [last], stream=True))
 

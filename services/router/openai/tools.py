@@ -1,39 +1,50 @@
-"""Tool calling on chat completions, with ``tool_choice`` "required" or a named function: the
-output is constrained by a grammar to the calls' JSON, so it always parses.
+"""Tool calling on chat completions. The tools go to the checkpoint's chat template, which
+renders them into the prompt; the output becomes OpenAI ``tool_calls`` (whole, or streamed
+as one delta per call, see tool_parsers.StreamSplitter) with finish_reason "tool_calls".
 
-"required": a JSON array of one or more ``{"name": ..., "parameters": {...}}``, each name one of
-the tools and its parameters that tool's schema; a named function: that function's arguments
-object. The parsed calls are answered as OpenAI ``tool_calls`` (whole, or streamed as one
-delta per call once the output is complete) with finish_reason "tool_calls". The tools are
-also given to the checkpoint's chat template, which renders them into the prompt.
+- "auto" (the default with tools): the model decides; its family's format is parsed out of
+  the text (tool_parsers.py).
+- "required" or a named function: a grammar constrains the output to the calls' JSON, so it
+  always parses: an array of one or more ``{"name": ..., "parameters": {...}}`` (each name one
+  of the tools, its parameters that tool's schema), or the named function's arguments object.
 """
 from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from splitserve.services.router.openai.protocol import OpenAIError
+from splitserve.services.router.openai.tool_parsers import Call, ToolParser, parser_for
 
 ANY_OBJECT = {"type": "object"}
 
 
-@dataclass(frozen=True)
-class ToolMode:
-    """How the output becomes tool calls: ``function`` None for "required" (an array of calls)."""
+class RequiredCalls(ToolParser):
+    """tool_choice "required" or named: the whole output is the calls' JSON (its grammar's)."""
 
-    function: str | None = None
+    def __init__(self, function: str | None) -> None:
+        self.function = function  # None: an array of {"name", "parameters"}; else that function's arguments
 
-    def calls(self, text: str) -> list[dict[str, Any]]:
-        """The OpenAI tool_calls of a complete output (its grammar guarantees it parses)."""
+    def start(self, text: str) -> int | None:
+        return 0
+
+    def held(self, text: str) -> int:
+        return len(text)
+
+    def parse(self, text: str) -> tuple[str | None, list[Call]]:
         value = json.loads(text)
-        items = [{"name": self.function, "parameters": value}] if self.function is not None else value
-        return [
-            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": item["name"], "arguments": json.dumps(item.get("parameters", {}), ensure_ascii=False)}}
-            for item in items
-        ]
+        if self.function is not None:
+            return None, [{"name": self.function, "arguments": value}]
+        return None, [{"name": item["name"], "arguments": item.get("parameters", {})} for item in value]
+
+
+def openai_calls(calls: list[Call]) -> list[dict[str, Any]]:
+    return [
+        {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+         "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+        for call in calls
+    ]
 
 
 def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -49,24 +60,34 @@ def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return functions
 
 
-def tool_constraint(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[ToolMode, str, str] | None:
-    """(mode, JSON schema text, the field it came from) when the tools must be called; None
-    when they may not be ("none", or no tools). OpenAIError for what cannot be honoured."""
+def tool_parser(tools: list[dict[str, Any]] | None, tool_choice: Any, architecture: str) -> ToolParser | None:
+    """How a chat completion's output becomes tool calls; None when no tool may be called."""
+    if not tools or tool_choice == "none":
+        return None
+    if tool_choice in (None, "auto"):
+        return parser_for(architecture)
+    found = tool_constraint(tools, tool_choice)
+    return RequiredCalls(found[0] if found else None)
+
+
+def tool_constraint(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[str | None, str, str] | None:
+    """(the named function or None, JSON schema text, the field it came from) when the tools
+    must be called; None when the model decides ("auto") or may not call ("none", no tools).
+    OpenAIError for what cannot be honoured."""
     if not tools or tool_choice == "none":
         return None
     functions = _functions(tools)
     if tool_choice in (None, "auto"):
-        raise OpenAIError(400, "tool_choice: 'auto' is not supported by this server yet (its output parsers are not written): "
-                          "send 'required' or a named function", param="tool_choice", code="unsupported_parameter")
+        return None
     if tool_choice == "required":
         calls = [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema}, "required": ["name", "parameters"]}
                  for name, schema in functions.items()]
         schema = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1}
-        return ToolMode(None), json.dumps(schema), "tools"
+        return None, json.dumps(schema), "tools"
     name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) and tool_choice.get("type") == "function" else None
     if not isinstance(name, str):
         raise OpenAIError(400, "tool_choice: must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}",
                           param="tool_choice")
     if name not in functions:
         raise OpenAIError(400, f"tool_choice.function.name: {name!r} is not one of the tools", param="tool_choice.function.name")
-    return ToolMode(name), json.dumps(functions[name]), "tools"
+    return name, json.dumps(functions[name]), "tools"

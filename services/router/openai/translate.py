@@ -12,7 +12,7 @@ from splitserve.services.router.openai.protocol import (
 from transformers import PreTrainedTokenizerBase
 
 from splitserve.services.router.openai.structured import constraint
-from splitserve.services.router.openai.tools import tool_constraint
+from splitserve.services.router.openai.tools import tool_constraint, tool_parser
 from splitserve.services.router.request_input import ModelLimits
 from splitserve.v1 import generation_pb2 as gen_pb
 
@@ -127,6 +127,8 @@ def chat_request(
         if msg.sampling.HasField("constraint"):
             raise OpenAIError(400, f"tool_choice: a required tool call cannot be combined with {constraint_param(req)}", param="tool_choice")
         msg.sampling.constraint.json_schema = tools[1]
+    elif req.tools and req.tool_choice != "none":
+        tool_parser(req.tools, req.tool_choice, "")  # checks the tools' shapes
     msg.token_ids.ids.extend(chat_prompt(req, tokenizer, limits))
     return msg
 
