@@ -10,6 +10,7 @@ one row computed for nothing, discarded.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -82,6 +83,7 @@ class LLMEngine:
         self.num_prefix_queried_tokens = 0
         self._clock = RequestClock()
         self._grammars: GrammarMatchers | None = None  # built with the first constrained request
+        self._grammars_lock = threading.Lock()  # compile_constraint runs on the services' worker threads
 
     # -- requests ------------------------------------------------------------
 
@@ -171,12 +173,20 @@ class LLMEngine:
     @property
     def grammars(self) -> GrammarMatchers:
         """The constrained requests' matchers (the checkpoint's tokenizer is loaded on first use)."""
-        if self._grammars is None:
-            from splitserve.tokenizer import load_tokenizer
+        with self._grammars_lock:
+            if self._grammars is None:
+                from splitserve.tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer(self.config.model.model_dir)
-            self._grammars = GrammarMatchers(GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids))
-        return self._grammars
+                tokenizer = load_tokenizer(self.config.model.model_dir)
+                self._grammars = GrammarMatchers(GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids))
+            return self._grammars
+
+    def compile_constraint(self, params: SamplingParams) -> None:
+        """Compiles the request's constraint into the compiler's cache (``validate`` then finds
+        it there); raises InvalidRequestError naming it. Safe on any thread: the services run
+        it on a worker thread, so a grammar's compile time never holds their event loop."""
+        if params.constraint is not None:
+            self.grammars.compiler.compile(params.constraint)
 
     @property
     def has_unfinished(self) -> bool:

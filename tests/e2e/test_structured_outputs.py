@@ -315,3 +315,19 @@ def test_langchain_structured_output_and_bind_tools(up, model):
     jsonschema.validate(message.tool_calls[0]["args"], WEATHER["function"]["parameters"])
     free = llm.bind_tools([WEATHER]).bind(max_tokens=8).invoke("Hello")
     assert isinstance(free.content, str)
+
+
+def test_a_worker_called_directly_refuses_an_invalid_constraint(up):
+    """The workers compile too (off their event loop): a caller holding the worker key that
+    skips the router still gets INVALID_ARGUMENT, and the worker keeps serving."""
+    grpc_address, _, workers = up
+    sampling = gen_pb.SamplingParams(temperature=0.0, constraint=gen_pb.Constraint(regex="(unclosed"))
+    request = worker_pb.EngineRequest(request_id="direct-1", prompt_token_ids=[3, 4, 5], sampling=sampling, max_tokens=4)
+    with grpc.insecure_channel(workers["prefill"]) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            worker_pb2_grpc.PrefillWorkerStub(channel).Prefill(worker_pb.PrefillRequest(request=request), timeout=60,
+                                                               metadata=(("authorization", f"Bearer {WORKER_KEY}"),))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("constraint.regex"), info.value.details()
+    out = Client(grpc_address).complete([3, 4, 5], max_tokens=30, constraint=CONSTRAINTS["regex"], timeout=60)
+    assert re.fullmatch(REGEX, out.text)
