@@ -4,7 +4,7 @@ For each preset (random weights of the real shape, bf16, written to --checkpoint
 size and constrained share, B requests of --prompt tokens decode --steps tokens through
 ``LLMEngine.step()`` with async scheduling (greedy, so sampling stays on the device). The
 constrained ones follow a grammar of JSON records that never completes (``[{...},{...},...``
-with no closing bracket), so every request runs to --steps and the batch stays whole; each
+with no way to end), so every request runs to --steps and the batch stays whole; each
 step fills one xgrammar bitmask per constrained request on the host, after the previous
 step's tokens are read back, while the device runs this step's forward. Reported per point:
 the median step (ms), its ratio to the unconstrained step, tokens/s, and the steps that fell
@@ -31,8 +31,9 @@ from splitserve.engine.engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 
 BLOCK_SIZE = 16
-# JSON-like records, one after another, the list never closed: the grammar never completes.
-RECORDS = r'''root ::= "[" record ("," record)*
+# JSON-like records, one after another, right-recursive without an end: the grammar never completes.
+RECORDS = r'''root ::= "[" items
+items ::= record "," items
 record ::= "{\"id\": " [1-9] [0-9]{0,5} ", \"name\": \"" [a-zA-Z ]{1,16} "\", \"score\": " [0-9]{1,3} "." [0-9]{1,2} ", \"ok\": " ("true" | "false") "}"'''
 
 

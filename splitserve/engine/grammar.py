@@ -109,15 +109,24 @@ def _bounded_strings(schema):
     return out
 
 
+_BIT_TABLES: dict[torch.device, torch.Tensor] = {}  # per device, a constant: [256, 8] bool, bit j of byte b
+
+
+def _bit_table(device: torch.device) -> torch.Tensor:
+    if device not in _BIT_TABLES:
+        bits = [[(b >> j) & 1 for j in range(8)] for b in range(256)]
+        _BIT_TABLES[device] = torch.tensor(bits, dtype=torch.bool, device=device)
+    return _BIT_TABLES[device]
+
+
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """The logits with those of tokens whose bit is 0 set to -inf (a new tensor: the runner's
-    may be an inference tensor or a CUDA graph's output). ``logits``: [rows, vocab]
-    on any device; ``bitmask``: [rows, ceil(vocab / 32)] int32 on the same device (bit i of
-    word w is token 32w + i; a row of -1 allows everything). Plain tensor ops, no kernel of
-    its own: the unpacked mask is [rows, vocab] booleans, a few elementwise passes."""
+    may be an inference tensor or a CUDA graph's output). ``logits``: [rows, vocab] on any
+    device; ``bitmask``: [rows, ceil(vocab / 32)] int32 on the same device (bit i of word w is
+    token 32w + i; a row of -1 allows everything). Plain tensor ops, no kernel of its own: each
+    little-endian byte of the mask looks up its 8 booleans, [rows, vocab] of them in all."""
     rows, vocab = logits.shape
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(rows, -1)[:, :vocab].bool()
+    allowed = _bit_table(bitmask.device)[bitmask.contiguous().view(torch.uint8).long()].view(rows, -1)[:, :vocab]
     return logits.masked_fill(~allowed, float("-inf"))
 
 
@@ -151,16 +160,24 @@ class GrammarMatchers:
 
     def constrain(self, logits: torch.Tensor, requests: Sequence[Request]) -> torch.Tensor:
         """Masks the rows of ``requests`` that have a constraint and have not finished
-        (a finished one's row is discarded). ``logits``: [len(requests), vocab]."""
+        (a finished one's row is discarded). ``logits``: [len(requests), vocab].
+
+        The host bitmask is reused step after step: its copy to the device is queued before
+        this step's sampling, which the engine waits for (reading the tokens back) before it
+        fills the mask again."""
         rows = [i for i, r in enumerate(requests) if r.sampling_params.constraint is not None and not r.is_finished]
         if not rows:
             return logits
         matchers = [self.matcher(requests[i]) for i in rows]
-        bitmask = self._host_bitmask(len(requests), logits.device)
-        bitmask.fill_(-1)
-        self._batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        bitmask = self._host_bitmask(len(rows), logits.device)
+        self._batch.batch_fill_next_token_bitmask(matchers, bitmask, list(range(len(rows))))
         words = (logits.shape[-1] + 31) // 32
-        return apply_bitmask(logits, bitmask[:, :words].to(logits.device, non_blocking=True))
+        # Only the constrained rows are unpacked and masked; the others are copied as they are.
+        bitmask = bitmask[:, :words].to(logits.device, non_blocking=True)
+        if len(rows) == len(requests):
+            return apply_bitmask(logits, bitmask)
+        index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+        return logits.index_copy(0, index, apply_bitmask(logits.index_select(0, index), bitmask))
 
     def _host_bitmask(self, num_rows: int, device: torch.device) -> torch.Tensor:
         if self._bitmask is None or self._bitmask.shape[0] < num_rows:
