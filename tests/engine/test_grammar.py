@@ -215,3 +215,16 @@ def test_apply_bitmask_matches_xgrammar():
     got = apply_bitmask(logits, bitmask)
     assert torch.equal(got, expected)
     assert torch.equal(got[2], logits[2])
+
+
+def test_preempted_constrained_requests_keep_their_grammar_state(make_engine, llama_tiny_dir, tokenizer):
+    """Preemption recomputes a request's KV from its tokens; its matcher (kept with the request)
+    is not replayed, and the outputs equal those of an engine with room for all."""
+    constraint = Constraint.json_schema(SCHEMA, any_whitespace=False)
+    requests = {f"schema-{i}": (list(range(40 + i, 71 + i)), SamplingParams(max_tokens=100, temperature=0.0, constraint=constraint))
+                for i in range(12)}
+    roomy = _run(make_engine(llama_tiny_dir, num_blocks=512), requests)
+    tight = make_engine(llama_tiny_dir, num_blocks=60, async_scheduling=True)
+    assert _run(tight, requests) == roomy
+    assert tight.scheduler.num_preemptions > 0
+    _check(tokenizer, roomy)

@@ -2,7 +2,7 @@
 
 Types are strict (``"max_tokens": "16"`` is refused, not coerced). Fields this server does not
 know are ignored, as vLLM does: SDKs send newer fields all the time. Fields it knows but
-cannot honour (best_of, tools, streamed prompt logprobs, ...) are refused with a 400 that names them.
+cannot honour (best_of, streamed prompt logprobs, ...) are refused with a 400 that names them.
 Constrained output: response_format (json_object, json_schema) and vLLM's structured_outputs
 (json, regex, choice, grammar, json_object) or its older guided_json/regex/choice/grammar.
 Extensions over OpenAI's API, as vLLM and SGLang spell them: top_k, min_p,
