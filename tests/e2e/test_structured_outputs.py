@@ -25,9 +25,8 @@ import pytest
 from splitserve.client import Client, build_request
 from splitserve.testing.cluster import Cluster, UpProcess
 from splitserve.v1 import generation_pb2 as gen_pb
-from splitserve.v1 import generation_pb2_grpc
+from splitserve.v1 import generation_pb2_grpc, worker_pb2_grpc
 from splitserve.v1 import worker_pb2 as worker_pb
-from splitserve.v1 import worker_pb2_grpc
 
 pytestmark = [pytest.mark.slow]
 
@@ -236,8 +235,8 @@ def _calls(message_calls) -> list[tuple[str, dict]]:
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
 def test_tool_calls_whole_and_streamed_agree(client, model, tool_choice):
-    kwargs = dict(model=model, messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER, TIME],
-                  tool_choice=tool_choice, max_tokens=1200, temperature=0)
+    kwargs = {"model": model, "messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [WEATHER, TIME],
+              "tool_choice": tool_choice, "max_tokens": 1200, "temperature": 0}
     whole = client.chat.completions.create(**kwargs)
     choice = whole.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -265,8 +264,8 @@ def test_tool_choice_auto_parses_the_family_format_whole_and_streamed(client, mo
     the router's llama3_json parser reads it out, whole and streamed alike."""
     call = {"type": "object", "properties": {"name": {"const": "get_time"}, "parameters": TIME["function"]["parameters"]},
             "required": ["name", "parameters"]}
-    kwargs = dict(model=model, messages=[{"role": "user", "content": "Time?"}], tools=[WEATHER, TIME], max_tokens=1200,
-                  temperature=0, extra_body={"structured_outputs": {"json": call}})
+    kwargs = {"model": model, "messages": [{"role": "user", "content": "Time?"}], "tools": [WEATHER, TIME], "max_tokens": 1200,
+              "temperature": 0, "extra_body": {"structured_outputs": {"json": call}}}
     whole = client.chat.completions.create(**kwargs)
     assert whole.choices[0].finish_reason == "tool_calls"
     calls = _calls(whole.choices[0].message.tool_calls)

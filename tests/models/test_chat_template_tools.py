@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from splitserve.services.router.openai.tool_parsers import parser_for
 
 from splitserve.models.tokenizer_build import build_tokenizer
-from splitserve.services.router.openai.tool_parsers import parser_for
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
@@ -23,7 +23,7 @@ def arch_tokenizer(request):
 
 
 def test_tools_are_rendered_and_plain_chats_are_unchanged(arch_tokenizer):
-    arch, tokenizer = arch_tokenizer
+    _arch, tokenizer = arch_tokenizer
     plain = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert tokenizer.apply_chat_template(MESSAGES, tools=None, tokenize=False, add_generation_prompt=True) == plain
     with_tools = tokenizer.apply_chat_template(MESSAGES, tools=[WEATHER], tokenize=False, add_generation_prompt=True)
@@ -40,5 +40,5 @@ def test_a_rendered_tool_call_is_what_the_familys_parser_reads(arch_tokenizer):
     turn = text[len(before):].split(TURN_ENDS[arch])[0]  # the assistant's turn as the model would write it
     for header in ("<|start_header_id|>assistant<|end_header_id|>\n\n", "<|im_start|>assistant\n"):
         turn = turn.removeprefix(header)
-    content, calls = parser_for(ARCHITECTURES[arch]).parse(turn)
+    _content, calls = parser_for(ARCHITECTURES[arch]).parse(turn)
     assert calls == [{"name": "get_weather", "arguments": {"city": "Oslo"}}], turn

@@ -3,12 +3,11 @@ whole and streamed: whatever way the text is cut into deltas, the content sent p
 at the end equal what the whole text parses into."""
 from __future__ import annotations
 
-import json
+import itertools
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from splitserve.services.router.openai.tool_parsers import (
     HermesParser,
     Llama3JsonParser,
@@ -25,13 +24,13 @@ CASES = [
     # (parser, text, content, calls)
     (HermesParser(), 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}\n</tool_call>',
      "Let me check.", [WEATHER]),
-    (HermesParser(), '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}</tool_call>\n'
-                     '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>', None, [WEATHER, TIME]),
+    (HermesParser(), ('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}</tool_call>\n'
+                     '<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>'), None, [WEATHER, TIME]),
     (HermesParser(), "No tools needed: it is 3 < 4.", "No tools needed: it is 3 < 4.", []),
     (HermesParser(), "<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),
     (Llama3JsonParser(), '{"name": "get_weather", "parameters": {"city": "Oslo", "days": 3}}', None, [WEATHER]),
-    (Llama3JsonParser(), '<|python_tag|>{"name": "get_time", "parameters": {"zone": "UTC"}}; {"name": "get_weather", "parameters": '
-                         '{"city": "Oslo", "days": 3}}', None, [TIME, WEATHER]),
+    (Llama3JsonParser(), ('<|python_tag|>{"name": "get_time", "parameters": {"zone": "UTC"}}; {"name": "get_weather", "parameters": '
+                         '{"city": "Oslo", "days": 3}}'), None, [TIME, WEATHER]),
     (Llama3JsonParser(), "  The weather is fine.", "  The weather is fine.", []),
     (Llama3JsonParser(), '{"just": "json"}', '{"just": "json"}', []),
     (MistralParser(), '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}]', None, [WEATHER]),
@@ -53,7 +52,7 @@ def test_streamed_in_any_pieces_gives_the_whole_result(case, cuts):
     parser, text, content, calls = case
     bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
     splitter = StreamSplitter(parser)
-    sent = "".join(splitter.feed(text[a:b]) for a, b in zip(bounds, bounds[1:]))
+    sent = "".join(splitter.feed(text[a:b]) for a, b in itertools.pairwise(bounds))
     rest, streamed_calls = splitter.finish()
     assert streamed_calls == calls
     if calls:

@@ -160,7 +160,7 @@ class StreamSplitter:
 
     def finish(self) -> tuple[str, list[Call]]:
         """The content not yet sent, and the calls."""
-        content, calls = self.parser.parse(self.text)
+        _content, calls = self.parser.parse(self.text)
         if not calls:
             return self.text[self.sent:], []
         return "", calls  # content before the marker went out already
