@@ -36,6 +36,9 @@ CASES = [
     (MistralParser(), '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}]', None, [WEATHER]),
     (MistralParser(), 'Sure. [TOOL_CALLS][{"name": "get_time", "arguments": "{\\"zone\\": \\"UTC\\"}"}]', "Sure.", [TIME]),
     (MistralParser(), "[TOOL_CALLS] nothing", "[TOOL_CALLS] nothing", []),
+    (MistralParser(), '[{"name": "get_time", "arguments": {"zone": "UTC"}}]', None, [TIME]),  # the marker dropped as a special token
+    (MistralParser(), "[1, 2] are numbers", "[1, 2] are numbers", []),
+    (MistralParser(), '[{"a": 1}] is a list', '[{"a": 1}] is a list', []),
     (RequiredCalls(None), '[{"name": "get_time", "parameters": {"zone": "UTC"}}]', None, [TIME]),
     (RequiredCalls("get_weather"), '{"city": "Oslo", "days": 3}', None, [WEATHER]),
 ]

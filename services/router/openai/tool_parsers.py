@@ -75,20 +75,36 @@ class HermesParser(ToolParser):
 
 
 class MistralParser(ToolParser):
+    """Real Mistral tokenizers have [TOOL_CALLS] as a control token, which the detokenizer
+    drops (skip_special_tokens): an answer that is only a JSON array of calls counts too."""
+
     marker = "[TOOL_CALLS]"
+
+    def start(self, text):
+        at = super().start(text)
+        if at is not None:
+            return at
+        stripped = text.lstrip()
+        return len(text) - len(stripped) if stripped.startswith("[{") else None
+
+    def held(self, text):
+        if text.strip() in ("", "["):
+            return len(text)  # the start of the answer: a bare array may be coming
+        return super().held(text)
 
     def parse(self, text):
         at = text.find(self.marker)
-        if at < 0:
+        body = text[at + len(self.marker):] if at >= 0 else text
+        if at < 0 and not text.lstrip().startswith("[{"):
             return text, []
         try:
-            items = json.loads(text[at + len(self.marker):].strip())
+            items = json.loads(body.strip())
         except ValueError:
             return text, []
         calls = [_call(item) for item in (items if isinstance(items, list) else [items])]
         if not calls or any(c is None for c in calls):
             return text, []
-        return (text[:at].strip() or None), calls
+        return (text[:at].strip() or None) if at >= 0 else None, calls
 
 
 class Llama3JsonParser(ToolParser):
