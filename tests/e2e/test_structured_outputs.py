@@ -255,6 +255,8 @@ def test_tool_calls_whole_and_streamed_agree(client, model, tool_choice):
         entry["name"] += d.function.name or ""
         entry["arguments"] += d.function.arguments or ""
     assert [(e["name"], json.loads(e["arguments"])) for _, e in sorted(assembled.items())] == calls
+    if isinstance(tool_choice, dict):  # a named function's arguments stream as they are made, not in one piece
+        assert len(deltas) > 1 and deltas[0].id and all(d.id is None for d in deltas[1:])
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from splitserve.services.router.openai.tool_parsers import StreamSplitter, ToolParser
-from splitserve.services.router.openai.tools import openai_calls
+from splitserve.services.router.openai.tools import RequiredCalls, openai_calls
 from splitserve.v1 import generation_pb2 as gen_pb
 
 FINISH_REASONS = {gen_pb.FINISH_REASON_STOP: "stop", gen_pb.FINISH_REASON_LENGTH: "length", gen_pb.FINISH_REASON_ABORT: "abort"}
@@ -160,6 +160,7 @@ class ChatFormatter(Formatter):
         super().__init__(*args, **kwargs)
         self.tool_parser = tool_parser  # the output may hold tool calls (services/router/openai/tools.py)
         self._splitters: dict[int, StreamSplitter] = {}
+        self._call_ids: dict[int, str] = {}  # a named function's call, streamed as its arguments come
 
     def _whole_choice(self, index, c):
         if self.tool_parser is None or c.final.finish_reason != gen_pb.FINISH_REASON_STOP:
@@ -174,6 +175,8 @@ class ChatFormatter(Formatter):
     def delta_event(self, delta, index=0):
         if self.tool_parser is None:
             return super().delta_event(delta, index)
+        if isinstance(self.tool_parser, RequiredCalls) and self.tool_parser.function is not None:
+            return self._arguments_event(delta, index)
         splitter = self._splitters.setdefault(index, StreamSplitter(self.tool_parser))
         text = splitter.feed(delta.text)
         logprobs = delta.logprobs if self.with_logprobs else []
@@ -181,7 +184,25 @@ class ChatFormatter(Formatter):
             return None
         return sse(self._body(self.chunk_object_name, [self._choice(index, text, logprobs, None, whole=False)], stream=True))
 
+    def _arguments_event(self, delta, index: int) -> str | None:
+        """A named function's output is its arguments' JSON: each delta of it goes out as an
+        arguments fragment, the first with the call's id and name (as OpenAI streams calls)."""
+        if not delta.text:
+            return None
+        call: dict[str, Any] = {"index": 0, "function": {"arguments": delta.text}}
+        if index not in self._call_ids:
+            self._call_ids[index] = f"call_{uuid.uuid4().hex[:24]}"
+            call = {"index": 0, "id": self._call_ids[index], "type": "function",
+                    "function": {"name": self.tool_parser.function, "arguments": delta.text}}
+        choice = {"index": index, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
+        return sse(self._body(self.chunk_object_name, [choice], stream=True))
+
     def finish_event(self, final, index=0):
+        if self._call_ids.pop(index, None) is not None:  # its arguments went out already
+            if final.finish_reason != gen_pb.FINISH_REASON_STOP:
+                return super().finish_event(final, index)
+            last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+            return sse(self._body(self.chunk_object_name, [last], stream=True))
         splitter = self._splitters.pop(index, None)
         if splitter is None:
             return super().finish_event(final, index)

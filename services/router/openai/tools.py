@@ -1,6 +1,7 @@
 """Tool calling on chat completions. The tools go to the checkpoint's chat template, which
-renders them into the prompt; the output becomes OpenAI ``tool_calls`` (whole, or streamed
-as one delta per call, see tool_parsers.StreamSplitter) with finish_reason "tool_calls".
+renders them into the prompt; the output becomes OpenAI ``tool_calls`` with finish_reason
+"tool_calls", whole or streamed: a named function's arguments as they are made, other calls
+one delta each once the output is complete (tool_parsers.StreamSplitter).
 
 - "auto" (the default with tools): the model decides; its family's format is parsed out of
   the text (tool_parsers.py).
