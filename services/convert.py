@@ -50,17 +50,6 @@ def constraint_from_proto(msg: gen_pb.Constraint) -> Constraint:
     return Constraint(ConstraintKind(which), getattr(msg, which), any_whitespace=any_whitespace)
 
 
-def constraint_to_proto(constraint: Constraint) -> gen_pb.Constraint:
-    msg = gen_pb.Constraint(disable_any_whitespace=not constraint.any_whitespace)
-    if constraint.kind == ConstraintKind.JSON_OBJECT:
-        msg.json_object = True
-    elif constraint.kind == ConstraintKind.CHOICE:
-        msg.choice.choices.extend(constraint.choices)
-    else:
-        setattr(msg, constraint.kind.value, constraint.spec)
-    return msg
-
-
 def token_logprob_to_proto(token_id: int, logprob: TokenLogprob | None) -> gen_pb.TokenLogprob:
     if logprob is None:
         return gen_pb.TokenLogprob(token_id=token_id)

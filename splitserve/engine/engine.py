@@ -178,7 +178,9 @@ class LLMEngine:
                 from splitserve.tokenizer import load_tokenizer
 
                 tokenizer = load_tokenizer(self.config.model.model_dir)
-                self._grammars = GrammarMatchers(GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids))
+                # On a CPU device the model's own threads hold the cores: fill masks on one thread.
+                threads = 1 if self.runner.device.type == "cpu" else 4
+                self._grammars = GrammarMatchers(GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids), threads)
             return self._grammars
 
     def compile_constraint(self, params: SamplingParams) -> None:
