@@ -90,13 +90,19 @@ def _tokenizer_info(tokenizer, vocab_size: int, stop_token_ids: list[int]) -> xg
 
 
 _LENGTH_KEYS = ("minLength", "maxLength")
+# The characters of a length-bounded string: printable ASCII but quote and backslash, and the
+# two-byte UTF-8 range from U+00A0 (Latin-1 to Arabic). xgrammar 0.2.9 builds this class
+# exactly; a negated class, or one reaching three-byte characters, also admits byte sequences
+# Python's UTF-8 decoder refuses (surrogates, overlong forms), whose replacement characters
+# then break maxLength.
+_BOUNDED_CHARS = r"[\x20-\x21\x23-\x5b\x5d-\x7e\u00a0-\u07ff]"
 
 
 def _bounded_strings(schema):
-    """The schema with each length-bounded string given as a pattern of as many characters
-    other than controls: xgrammar 0.2.9 lets raw control characters into a string with
-    minLength/maxLength (its unbounded strings exclude them), which no JSON parser accepts.
-    Such strings then hold no escapes (no quote or backslash); the bounds move into the pattern."""
+    """The schema with each length-bounded string given as a pattern of as many ``_BOUNDED_CHARS``:
+    xgrammar 0.2.9 lets raw control characters into a string with minLength/maxLength (its
+    unbounded strings exclude them), which no JSON parser accepts. Such strings then hold no
+    escapes and no characters past U+07FF; the bounds move into the pattern."""
     if isinstance(schema, list):
         return [_bounded_strings(s) for s in schema]
     if not isinstance(schema, dict):
@@ -105,7 +111,7 @@ def _bounded_strings(schema):
     typed_string = out.get("type") == "string" or (out.get("type") is None and any(k in out for k in _LENGTH_KEYS))
     if typed_string and any(k in out for k in _LENGTH_KEYS) and not any(k in out for k in ("pattern", "format", "enum", "const")):
         low, high = int(out.pop("minLength", 0)), out.pop("maxLength", None)
-        out["pattern"] = f"^[^\\x00-\\x1f\"\\\\]{{{low},{'' if high is None else int(high)}}}$"
+        out["pattern"] = f"^{_BOUNDED_CHARS}{{{low},{'' if high is None else int(high)}}}$"
     return out
 
 
