@@ -112,24 +112,32 @@ class SpeculativeDecoder:
             sampled = sampler(logits[torch.tensor(rows, device=logits.device)], [requests[i] for i in on_host])
             for i, (token_id, logprob) in zip(on_host, sampled):
                 new[i] = ([token_id], [logprob] if logprob is not None else [])
-        scheduler.advance(out)
-        emitted = []
-        for i, request in enumerate(requests):
-            if request.is_finished:
-                continue  # aborted while the step ran
-            tokens, logprobs = new[i]
-            kept = []
-            for j, token_id in enumerate(tokens):
-                request.append_output(token_id, logprobs[j] if logprobs else None)
-                kept.append(token_id)
-                if scheduler.check_finished(request):
-                    break
-            if not request.is_finished and len(tokens) > 1:
-                # The accepted proposals' KV was computed this step; the newest token's is not yet.
-                request.num_computed_tokens = request.num_tokens - 1
-                self.kv.cache_blocks(request)
-            if not request.is_finished:
-                self.kv.trim(request, request.num_tokens)
-            request.spec_token_ids = []
-            emitted.append((request, kept, logprobs[: len(kept)]))
-        return emitted
+        return commit(scheduler, self.kv, out, [(requests[i], *new[i]) for i in range(len(requests))])
+
+
+def commit(
+    scheduler: Scheduler, kv: KVCacheManager, out: SchedulerOutput, new: list[tuple[Request, list[int], list]]
+) -> list[tuple[Request, list[int], list]]:
+    """Lands a step whose sampling requests got ``new`` = (request, tokens, logprobs): progress
+    moves on by what was computed (and the accepted proposals), tokens are appended up to a
+    stop, and blocks past each request's new length are given back."""
+    scheduler.advance(out)
+    emitted = []
+    for request, tokens, logprobs in new:
+        if request.is_finished:
+            continue  # aborted while the step ran
+        kept = []
+        for j, token_id in enumerate(tokens):
+            request.append_output(token_id, logprobs[j] if logprobs else None)
+            kept.append(token_id)
+            if scheduler.check_finished(request):
+                break
+        if not request.is_finished and len(tokens) > 1:
+            # The accepted proposals' KV was computed this step; the newest token's is not yet.
+            request.num_computed_tokens = request.num_tokens - 1
+            kv.cache_blocks(request)
+        if not request.is_finished:
+            kv.trim(request, request.num_tokens)
+        request.spec_token_ids = []
+        emitted.append((request, kept, logprobs[: len(kept)]))
+    return emitted
