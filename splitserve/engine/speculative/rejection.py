@@ -65,6 +65,8 @@ def verify(
     its newest token and after each proposed token, in order. One host read for the batch."""
     device = logits.device
     sizes = [1 + len(p) for p in proposals]
+    if logits.shape[0] != sum(sizes):
+        raise ValueError(f"{logits.shape[0]} rows of logits for {len(proposals)} requests proposing {sum(sizes) - len(sizes)} tokens")
     proposed_rows = [t for p in proposals for t in [*p, 0]]  # the bonus row proposes nothing
     has_rows = [flag for p in proposals for flag in [*([True] * len(p)), False]]
     proposed = to_device(proposed_rows, torch.long, device)
