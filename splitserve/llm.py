@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from splitserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, default_kv_cache_bytes
+from splitserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig, default_kv_cache_bytes
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.request import FinishReason, TokenLogprob
 from splitserve.engine.sampling_params import SamplingParams
@@ -35,8 +35,10 @@ class LLM:
         cache: CacheConfig | None = None,
         scheduler: SchedulerConfig = SchedulerConfig(),
         max_model_len: int | None = None,
+        speculative: SpeculativeConfig = SpeculativeConfig(),
     ) -> None:
-        self.engine = LLMEngine(self.engine_config(model_dir, device, dtype, cache, scheduler, max_model_len))
+        config = self.engine_config(model_dir, device, dtype, cache, scheduler, max_model_len)
+        self.engine = LLMEngine(replace(config, speculative=speculative))
         self.tokenizer = load_tokenizer(model_dir)
         self._ids = itertools.count()
 
