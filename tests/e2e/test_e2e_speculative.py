@@ -64,3 +64,31 @@ def test_greedy_streams_are_token_exact_with_speculation(cluster, greedy):
         assert acceptance > 0.95, str(stats)
     else:
         assert stats.num_spec_accepted_tokens > 0, str(stats)
+
+
+def test_bench_serve_reports_acceptance_per_worker(cluster, tmp_path, capsys):
+    """``bench serve --worker-metrics``: each point prints and records the decode worker's
+    acceptance rate and mean accepted length, the increments of its counters over the point."""
+    import json
+
+    from splitserve.bench.serve import main
+
+    method, cluster = cluster
+    decode = next(w for w in cluster.workers if w.role == "decode")
+    url = f"http://127.0.0.1:{decode.metrics_port}/metrics"
+    before = decode.stats()
+    code = main([
+        "--target", cluster.address, "--num-prompts", "8", "--input-len", "24", "--output-len", "24", "--prefix-len", "24",
+        "--worker-metrics", url, "--out", str(tmp_path), "--no-plots", "--disable-tqdm",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Speculative decoding (per decode worker):" in printed and "acceptance rate" in printed
+    after = decode.stats()
+    recorded = json.loads((tmp_path / "splitserve.json").read_text())["speculative_decoding"]
+    (point,) = recorded.values()
+    counts = point[url]
+    assert counts["num_draft_tokens"] == after.num_spec_draft_tokens - before.num_spec_draft_tokens > 0
+    assert counts["num_accepted_tokens"] == after.num_spec_accepted_tokens - before.num_spec_accepted_tokens
+    assert counts["acceptance_rate"] == pytest.approx(counts["num_accepted_tokens"] / counts["num_draft_tokens"])
+    assert counts["mean_accepted_length"] == pytest.approx(1 + counts["num_accepted_tokens"] / counts["num_drafts"])
