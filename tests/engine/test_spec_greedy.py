@@ -17,12 +17,13 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.speculative.ngram import NgramProposer
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])
 
 
-def make(model_dir, spec: SpeculativeConfig, num_blocks: int = 256, max_num_batched_tokens: int = 2048) -> LLMEngine:
+def make(model_dir, spec: SpeculativeConfig, num_blocks: int = 256, max_num_batched_tokens: int = 2048, device: str = "cpu") -> LLMEngine:
     return LLMEngine(
         EngineConfig(
-            model=ModelConfig(model_dir, dtype=torch.float32),
+            model=ModelConfig(model_dir, dtype=torch.float32, device=device),
             cache=CacheConfig(block_size=4, num_blocks=num_blocks),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens),
             speculative=spec,
@@ -72,12 +73,12 @@ def test_config_refuses_bad_values():
         SpeculativeConfig(method="draft")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_ngram_greedy_identical(arch, tiny_checkpoint, hf_reference):
+@pytest.mark.parametrize(("arch", "device"), [("llama", "cpu"), ("qwen3", "cpu"), pytest.param("llama", ON_GPU.values[0], marks=ON_GPU.marks)])
+def test_ngram_greedy_identical(arch, device, tiny_checkpoint, hf_reference):
     model_dir = tiny_checkpoint(arch)
     prompts = copy_heavy_prompts(seed=1)
     plain = run(make(model_dir, SpeculativeConfig()), prompts)
-    engine = make(model_dir, SpeculativeConfig(method="ngram", num_speculative_tokens=4))
+    engine = make(model_dir, SpeculativeConfig(method="ngram", num_speculative_tokens=4), device=device)
     spec = run(engine, prompts)
     assert spec == plain
     for i, prompt in enumerate(prompts):
@@ -123,7 +124,8 @@ def test_host_sampled_requests_share_a_speculative_step(llama_tiny_dir):
 
 
 @pytest.mark.parametrize("num_layers", [None, 1])
-def test_draft_greedy_identical(num_layers, llama_tiny_dir, tmp_path_factory, hf_reference):
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
+def test_draft_greedy_identical(num_layers, device, llama_tiny_dir, tmp_path_factory, hf_reference):
     """The target as its own draft (every proposal accepted), and its first layer alone (most rejected)."""
     draft_dir = llama_tiny_dir
     if num_layers is not None:
@@ -132,8 +134,8 @@ def test_draft_greedy_identical(num_layers, llama_tiny_dir, tmp_path_factory, hf
         draft_dir = init_checkpoint(tmp_path_factory.mktemp("draft") / "llama-1layer", "llama", "tiny", overrides={"num_hidden_layers": num_layers})
     rng = random.Random(4)
     prompts = [[rng.randrange(1, 1000) for _ in range(n)] for n in (3, 11, 29, 6)]
-    plain = run(make(llama_tiny_dir, SpeculativeConfig()), prompts)
-    engine = make(llama_tiny_dir, SpeculativeConfig(method="draft", num_speculative_tokens=4, draft_model=draft_dir), num_blocks=80)
+    plain = run(make(llama_tiny_dir, SpeculativeConfig()), prompts)  # on the CPU: the reference
+    engine = make(llama_tiny_dir, SpeculativeConfig(method="draft", num_speculative_tokens=4, draft_model=draft_dir), num_blocks=80, device=device)
     assert run(engine, prompts) == plain
     assert plain["r2"] == hf_reference.tokens(llama_tiny_dir, prompts[2], GREEDY.max_tokens)
     stats = engine.stats().spec
