@@ -147,6 +147,19 @@ def test_draft_greedy_identical(num_layers, device, llama_tiny_dir, tmp_path_fac
         assert stats.acceptance_rate < 1.0
 
 
+def test_draft_catches_up_on_long_contexts_within_the_budget(llama_tiny_dir):
+    """Prompts far longer than the token budget: the target prefills them in chunks, the draft
+    then rebuilds their KV over several steps (no proposal until it has), output unchanged."""
+    rng = random.Random(6)
+    prompts = [[rng.randrange(1, 1000) for _ in range(n)] for n in (70, 45, 5)]
+    plain = run(make(llama_tiny_dir, SpeculativeConfig(), max_num_batched_tokens=16), prompts)
+    spec = SpeculativeConfig(method="draft", num_speculative_tokens=3, draft_model=llama_tiny_dir)
+    engine = make(llama_tiny_dir, spec, max_num_batched_tokens=16)
+    assert run(engine, prompts) == plain
+    stats = engine.stats().spec
+    assert stats.num_accepted_tokens > 0.9 * stats.num_draft_tokens > 0
+
+
 def test_draft_vocabulary_must_match(llama_tiny_dir, tiny_checkpoint):
     with pytest.raises(ConfigError, match="vocabulary"):
         make(llama_tiny_dir, SpeculativeConfig(method="draft", draft_model=tiny_checkpoint("qwen3")))

@@ -76,7 +76,8 @@ class SpeculativeDecoder:
         room = [k if self.kv.allocate_slots(r, 1 + k) is not None else 0 for r, k in zip(candidates, room)]
         self.draft.forget_except(scheduler.requests)
         block_ids = [self.kv.get_block_ids(r.request_id) for r in candidates]
-        for request, proposal in zip(candidates, self.draft.propose(candidates, block_ids, room)):
+        budget = scheduler.config.max_num_batched_tokens
+        for request, proposal in zip(candidates, self.draft.propose(candidates, block_ids, room, budget)):
             request.spec_token_ids = proposal
 
     def sample(

@@ -37,22 +37,40 @@ class DraftProposer:
         self.block_size = target.block_size
         self._state: dict[str, _DraftState] = {}
 
-    def propose(self, requests: list[Request], block_ids: list[list[int]], num_tokens: list[int]) -> list[list[int]]:
+    def propose(
+        self, requests: list[Request], block_ids: list[list[int]], num_tokens: list[int], budget: int
+    ) -> list[list[int]]:
         """Greedy proposals of ``num_tokens[i]`` tokens for ``requests[i]`` (each decoding: its newest
-        token not yet computed by the target), whose blocks ``block_ids[i]`` have room for them."""
-        batch = [(r, b, n) for r, b, n in zip(requests, block_ids, num_tokens) if n > 0]
+        token not yet computed by the target), whose blocks ``block_ids[i]`` have room for them.
+
+        The draft computes at most ``budget`` tokens of context this step: a request whose draft
+        KV is further behind (a long prompt that arrived as KV) catches up over several steps
+        and gets no proposal until it has."""
+        scheduled, batch = [], []  # batch: the requests that propose, in the order of their logits rows
+        for request, blocks, n in zip(requests, block_ids, num_tokens):
+            if n <= 0:
+                continue
+            start = self._valid_prefix(request, blocks)
+            chunk = min(request.num_tokens - start, budget)
+            if chunk <= 0:
+                break
+            budget -= chunk
+            ready = start + chunk == request.num_tokens
+            scheduled.append(ScheduledRequest(request.request_id, request.all_token_ids[start : start + chunk], start, blocks, sample=ready))
+            if ready:
+                batch.append((request, blocks, n))
+            else:
+                self._state[request.request_id] = _DraftState(start + chunk, list(blocks))
+        if not scheduled:
+            return [[] for _ in requests]
+        logits = self.runner.execute(SchedulerOutput(scheduled))
         if not batch:
             return [[] for _ in requests]
-        scheduled = []
-        for request, blocks, _ in batch:
-            start = self._valid_prefix(request, blocks)
-            scheduled.append(ScheduledRequest(request.request_id, request.all_token_ids[start:], start, blocks, sample=True))
-        # Forward j proposes token j of the requests that want more than j; its rows follow ``live``.
+        # Forward j proposes token j of the requests that want more than j; rows[j] maps a request to its row.
+        drafts = [logits.argmax(dim=-1)]
         live = list(range(len(batch)))
-        drafts = [self.runner.execute(SchedulerOutput(scheduled)).argmax(dim=-1)]
-        lives = [live]
+        rows = [{i: i for i in live}]
         for j in range(1, max(n for _, _, n in batch)):
-            previous_row = {i: row for row, i in enumerate(live)}
             live = [i for i in live if batch[i][2] > j]
             out = SchedulerOutput(
                 [
@@ -60,13 +78,13 @@ class DraftProposer:
                     for i in live
                 ]
             )
-            placeholders = Placeholders(drafts[-1], [previous_row[i] for i in live])
+            placeholders = Placeholders(drafts[-1], [rows[-1][i] for i in live])
             drafts.append(self.runner.execute(out, placeholders).argmax(dim=-1))
-            lives.append(live)
+            rows.append({i: row for row, i in enumerate(live)})
         host = [t.tolist() for t in drafts]  # the one wait
         proposals: dict[str, list[int]] = {}
         for i, (request, blocks, n) in enumerate(batch):
-            proposals[request.request_id] = [host[j][lives[j].index(i)] for j in range(n)]
+            proposals[request.request_id] = [host[j][rows[j][i]] for j in range(n)]
             # Draft KV now covers the context; proposed tokens' KV counts once accepted (``accepted``).
             self._state[request.request_id] = _DraftState(request.num_tokens, list(blocks))
         return [proposals.get(r.request_id, []) for r in requests]
