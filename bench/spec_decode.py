@@ -15,6 +15,12 @@ of one request (``itl_ms``) and output tokens/s of the batch; speedup is plain d
   ngram-copy    prompt lookup on a copy-heavy workload: each prompt repeats a passage
   ngram-random  prompt lookup on random prompts (few proposals: the cost of looking)
 
+For the draft modes, the cost of giving the decode worker the draft's KV of a prompt is printed
+both ways it could be paid: ``rebuild_ms``, the draft's prefill of the batch's prompts on this
+device (what the decode worker does now), and ``draft_kv_bytes``, what a prefill worker would
+have to send instead; divide by the KV transfer rate bench/kv_transfer.py measures between the
+same GPUs to compare (docs/speculative_decoding.md).
+
 The step floor is the target's weight bytes over the device's copy bandwidth (read + write,
 as bench/gpu_decode.py measures it) / 2: a decode step must read every weight once.
 Random weights: acceptance of the draft-layers and ngram modes says what these random models
@@ -126,6 +132,28 @@ def engine_for(mode: str, args, paths: dict[str, Path], batch: int) -> LLMEngine
     )
 
 
+def draft_rebuild(engine: LLMEngine, batch: int, input_len: int, device: str) -> dict:
+    """The draft's prefill of ``batch`` prompts of ``input_len`` tokens (median of 3), and their KV bytes."""
+    from splitserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+
+    runner = engine.speculative.draft.runner
+    per = -(-input_len // runner.block_size)
+    if per * batch > runner.num_blocks:
+        return {}
+    out = SchedulerOutput([
+        ScheduledRequest(f"rebuild{i}", [3 + (i + t) % 100 for t in range(input_len)], 0, list(range(i * per, (i + 1) * per)), sample=True)
+        for i in range(batch)
+    ])
+    times = []
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        runner.execute(out)
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"rebuild_ms": sorted(times)[1], "draft_kv_bytes": per * batch * runner.block_bytes}
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -195,8 +223,9 @@ def main(argv=None) -> int:
                 weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
                 results["weight_bytes"] = weight_bytes
                 results["step_floor_ms"] = weight_bytes / (bandwidth / 2) * 1e3  # read once per step
+            rebuild = draft_rebuild(engine, batch, args.input_len, args.device) if mode.startswith("draft") else {}
             r = measure(engine, prompts(mode, batch, args.input_len, engine.vocab_size, seed=batch), args.output_len, args.device)
-            r.update(mode=mode, batch=batch)
+            r.update(mode=mode, batch=batch, **rebuild)
             if mode == "plain-async" or (mode == "plain-sync" and base is None):
                 base = r["itl_ms"]  # the baseline: async plain decoding, else sync
             r["speedup_vs_plain"] = base / r["itl_ms"] if base else None
@@ -204,6 +233,9 @@ def main(argv=None) -> int:
             acc = f", acceptance {r['acceptance_rate']:.3f}, mean accepted length {r['mean_accepted_length']:.2f}" if r.get("acceptance_rate") is not None else ""
             print(f"batch {batch:3d} {mode:13s} itl {r['itl_ms']:8.3f} ms  step {r['step_ms']:8.3f} ms  "
                   f"{r['output_tok_per_s']:9.1f} tok/s  speedup {r['speedup_vs_plain'] or 0:5.2f}{acc}", flush=True)
+            if rebuild:
+                print(f"          draft KV of the batch's prompts: rebuild {rebuild['rebuild_ms']:.2f} ms here, "
+                      f"or {rebuild['draft_kv_bytes'] / 2**20:.1f} MiB to transfer", flush=True)
             del engine
             if args.device == "cuda":
                 torch.cuda.empty_cache()
