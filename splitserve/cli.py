@@ -342,7 +342,7 @@ def _run_worker(args) -> int:
     try:
         speculative = speculative_config(args)
     except ConfigError as e:
-        print(f"error: --speculative: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     engine = EngineConfig(
         model=ModelConfig(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len),

@@ -92,3 +92,17 @@ def test_bench_serve_reports_acceptance_per_worker(cluster, tmp_path, capsys):
     assert counts["num_accepted_tokens"] == after.num_spec_accepted_tokens - before.num_spec_accepted_tokens
     assert counts["acceptance_rate"] == pytest.approx(counts["num_accepted_tokens"] / counts["num_draft_tokens"])
     assert counts["mean_accepted_length"] == pytest.approx(1 + counts["num_accepted_tokens"] / counts["num_drafts"])
+
+
+def test_a_draft_of_another_vocabulary_is_refused_in_one_line(cluster, tiny_checkpoint):
+    import subprocess
+    import sys
+
+    method, cluster = cluster
+    if method != "draft":
+        pytest.skip("the draft model's check; the n-gram cluster has none")
+    args = [sys.executable, "-m", "splitserve.cli", "decode", "--model", str(cluster.model_dir), "--port", "0", "--metrics-port", "-1",
+            "--control-plane", cluster.control_plane, "--speculative", "draft", "--draft-model", str(tiny_checkpoint("qwen3"))]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: draft model: vocabulary of 1088 tokens, the target's has 1024"
