@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from splitserve.config import CacheConfig, ConfigError, ModelConfig
 from splitserve.engine.model_runner import ModelRunner, Placeholders
 from splitserve.engine.request import PLACEHOLDER, Request
