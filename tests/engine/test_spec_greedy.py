@@ -170,3 +170,18 @@ def test_draft_catches_up_on_long_contexts_within_the_budget(llama_tiny_dir):
 def test_draft_vocabulary_must_match(llama_tiny_dir, tiny_checkpoint):
     with pytest.raises(ConfigError, match="vocabulary"):
         make(llama_tiny_dir, SpeculativeConfig(method="draft", draft_model=tiny_checkpoint("qwen3")))
+
+
+def test_ngram_proposer_agrees_with_a_plain_search():
+    """Against the obvious quadratic search, on small alphabets where matches abound."""
+    rng = random.Random(8)
+    for _ in range(500):
+        context = [rng.randrange(3) for _ in range(rng.randrange(1, 30))]
+        lo, hi = rng.randrange(1, 3), rng.randrange(3, 6)
+        expected = []
+        for n in range(min(hi, len(context) - 1), lo - 1, -1):
+            starts = [s for s in range(len(context) - n) if context[s : s + n] == context[-n:]]
+            if starts:
+                expected = context[starts[-1] + n : starts[-1] + n + 3]
+                break
+        assert NgramProposer(lo, hi).propose(context, 3) == expected, (context, lo, hi)

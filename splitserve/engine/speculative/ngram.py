@@ -7,7 +7,6 @@ repeat long runs of their prompt, and each accepted run saves target steps.
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 
 class NgramProposer:
@@ -20,11 +19,20 @@ class NgramProposer:
         if num_tokens <= 0 or len(token_ids) <= self.ngram_min:
             return []
         context = np.asarray(token_ids, dtype=np.int64)
-        for n in range(min(self.ngram_max, len(context) - 1), self.ngram_min - 1, -1):
-            # Windows that start early enough to have a token after them, the suffix itself excluded.
-            windows = sliding_window_view(context[:-1], n)
-            hits = np.flatnonzero((windows == context[-n:]).all(axis=1))
-            if hits.size:
-                start = int(hits[-1]) + n  # the most recent occurrence: nearest text is the likeliest copy
-                return context[start : start + num_tokens].tolist()
-        return []
+        last = len(context) - 1
+        # One pass over the context: earlier positions holding the newest token end a 1-gram match;
+        # each is then extended backwards while it keeps matching, up to ngram_max.
+        ends = np.flatnonzero(context[:-1] == context[last])
+        if ends.size == 0:
+            return []
+        length = np.ones_like(ends)
+        for k in range(1, min(self.ngram_max, last)):
+            extend = (length == k) & (ends >= k) & (context[np.maximum(ends - k, 0)] == context[last - k])
+            if not extend.any():
+                break
+            length[extend] += 1
+        longest = int(length.max())
+        if longest < self.ngram_min:
+            return []
+        start = int(ends[np.flatnonzero(length == longest)[-1]]) + 1  # the most recent: nearest text is the likeliest copy
+        return context[start : start + num_tokens].tolist()
