@@ -13,7 +13,7 @@ mkdir -p "$R"
 for what in "$@"; do
     case "$what" in
     tests)
-        timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kv_fp8.py tests/engine/test_fp8_gpu.py \
+        timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kv_fp8.py tests/kernels/test_quant_fp8.py tests/engine/test_fp8_gpu.py \
             tests/kernels/test_paged_attention.py tests/kernels/test_write_kv.py 2>&1 | tee "$R/tests.log" | tail -25
         ;;
     bench)

@@ -27,11 +27,19 @@ def _scaled_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.is_cuda and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` [..., K] in the model's dtype; ``weight`` [N, K] fp8; ``weight_scale`` [N] fp32. Returns [..., N] in x's dtype."""
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None, use_kernel: bool = False
+) -> torch.Tensor:
+    """``x`` [..., K] in the model's dtype; ``weight`` [N, K] fp8; ``weight_scale`` [N] fp32. Returns [..., N] in x's dtype.
+    ``use_kernel``: quantize the activations with the Triton kernel (kernels/quant_fp8.py; CUDA tensors only)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    x_q, x_scale = quantize_rows(x2)
+    if use_kernel and x2.is_cuda and x2.stride(-1) == 1:
+        from splitserve.kernels.quant_fp8 import quantize_rows_fp8
+
+        x_q, x_scale = quantize_rows_fp8(x2)
+    else:
+        x_q, x_scale = quantize_rows(x2)
     if _scaled_mm_fits(x2, weight):
         # Row-wise scales need a bf16 output; weight.t() is the column-major operand it asks for.
         y = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=torch.bfloat16)

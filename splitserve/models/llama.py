@@ -125,9 +125,9 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def use_gpu_kernels(self, enabled: bool = True) -> None:
-        """Fused RMSNorm(+residual) and in-place rotary through Triton on CUDA tensors (kernels/)."""
+        """Fused RMSNorm(+residual), in-place rotary and fp8 activation quantization through Triton on CUDA tensors (kernels/)."""
         for module in self.modules():
-            if isinstance(module, RMSNorm):
+            if isinstance(module, (RMSNorm, ColumnParallelLinear, RowParallelLinear)):
                 module.use_kernel = enabled
             elif isinstance(module, Attention):
                 module.use_rotary_kernel = enabled
