@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_decode import checkpoint, copy_bandwidth, decode_batch, event_ms, matmul_rate, measure_prefill, step_fn  # noqa: E402
+from gpu_decode import checkpoint, copy_bandwidth, decode_batch, event_ms, matmul_rate, measure_prefill, step_fn
 
-from splitserve.bench.timing import median_ms  # noqa: E402
-from splitserve.config import CacheConfig, ModelConfig  # noqa: E402
-from splitserve.engine.model_runner import ModelRunner  # noqa: E402
-from splitserve.models.fp8 import FP8_DTYPE, fp8_linear, quantize_rows  # noqa: E402
+from splitserve.bench.timing import median_ms
+from splitserve.config import CacheConfig, ModelConfig
+from splitserve.engine.model_runner import ModelRunner
+from splitserve.models.fp8 import FP8_DTYPE, fp8_linear, quantize_rows
 
 # name -> (kv_cache_dtype, quantization)
 VARIANTS = {"bf16": ("auto", "none"), "fp8_kv": ("fp8", "none"), "fp8_weights": ("auto", "fp8"), "fp8_both": ("fp8", "fp8")}
@@ -118,7 +118,7 @@ def measure_variant(name: str, model_dir: Path, args, bandwidth: float, rates: d
         floor_ms = (wbytes + batch * context * kv_bytes_per_token) / bandwidth * 1e3
         row = {"batch": batch, "context": context, "floor_ms": floor_ms}
         row["graph_ms"] = median_ms(step_fn(runner, out), args.iters)
-        row["graph_gpu_ms"] = event_ms(lambda: runner.graphs.replay(batch), args.iters)
+        row["graph_gpu_ms"] = event_ms(lambda b=batch: runner.graphs.replay(b), args.iters)
         row["ratio_to_floor"] = row["graph_ms"] / floor_ms
         row["gpu_ratio_to_floor"] = row["graph_gpu_ms"] / floor_ms
         row["tokens_per_s"] = batch / row["graph_ms"] * 1e3
@@ -147,15 +147,17 @@ def measure_gemm(model_dir: Path, batch_sizes, bandwidth: float) -> list[dict]:
         for m in batch_sizes:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             x_q, x_scale = quantize_rows(x)
+
+            def scaled_mm(x_q=x_q, x_scale=x_scale, w_q=w_q, w_scale=w_scale):
+                return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=torch.bfloat16)
+
             row = {"layer": name, "n": n, "k": k, "m": m,
-                   "bf16_us": event_ms(lambda: F.linear(x, w), 50) * 1e3,
-                   "fp8_us": event_ms(lambda: fp8_linear(x, w_q, w_scale), 50) * 1e3,
-                   "scaled_mm_us": event_ms(lambda: torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1),
-                                                                      out_dtype=torch.bfloat16), 50) * 1e3,
+                   "bf16_us": event_ms(lambda x=x, w=w: F.linear(x, w), 50) * 1e3,
+                   "fp8_us": event_ms(lambda x=x, w_q=w_q, w_scale=w_scale: fp8_linear(x, w_q, w_scale, use_kernel=True), 50) * 1e3,
+                   "scaled_mm_us": event_ms(scaled_mm, 50) * 1e3,
                    "bf16_floor_us": 2 * n * k / bandwidth * 1e6, "fp8_floor_us": n * k / bandwidth * 1e6}
             rows.append(row)
             print("  gemm " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-        del w, w_q
     return rows
 
 

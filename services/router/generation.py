@@ -94,10 +94,10 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         out: dict[str, dict[str, str]] = {"kv_cache_dtype": {}, "quantization": {}}
         for role in ("prefill", "decode"):
             workers = await self.workers.live(role)
-            for key in out:
+            for key, per_role in out.items():
                 values = sorted({getattr(w.info, key) for w in workers if getattr(w.info, key)})
                 if values:
-                    out[key][role] = ",".join(values)
+                    per_role[role] = ",".join(values)
         return out
 
     async def GetModelInfo(self, request, context) -> gen_pb.ModelInfo:

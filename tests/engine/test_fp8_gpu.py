@@ -18,8 +18,8 @@ from splitserve.engine.engine import LLMEngine
 from splitserve.engine.sampling_params import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from fp8_measure import agreement, log_probs  # noqa: E402
-from test_fp8_agreement import THRESHOLDS  # noqa: E402
+from fp8_measure import agreement, log_probs
+from test_fp8_agreement import THRESHOLDS
 
 pytestmark = [
     pytest.mark.gpu,

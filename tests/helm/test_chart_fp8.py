@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import pytest
+import test_chart_render
+from test_chart_render import NAMESPACE, RELEASE, container, flags, render
 
-from test_chart_render import NAMESPACE, RELEASE, chart, container, flags, render, schemas_loaded_once  # noqa: F401 (fixtures)
+chart = test_chart_render.chart  # the fixtures of the render tests, shared
+schemas_loaded_once = test_chart_render.schemas_loaded_once
 
 
 def test_defaults_are_the_model_dtype_and_the_checkpoint_quantization(chart):
