@@ -1,7 +1,8 @@
 """The scales of an fp8 KV cache: one for K and one for V per layer, from the checkpoint or measured.
 
 A checkpoint quantized for an fp8 KV cache (llm-compressor, ModelOpt, vLLM's tools) stores them
-as ``model.layers.{i}.self_attn.k_scale`` / ``v_scale`` (older ones one ``kv_scale`` for both).
+as ``model.layers.{i}.self_attn.k_scale`` / ``v_scale`` (older ones one ``kv_scale`` for both;
+compressed-tensors ones ``self_attn.k_proj.output_scale`` / ``v_proj.output_scale``).
 Without them they are measured once at start-up: a fixed calibration prompt runs through the
 model with a cache in the model's dtype, and each layer's largest |K| and |V| times
 ``CALIBRATION_MARGIN`` is mapped onto fp8's largest value, rounded up to a power of two. The
@@ -23,6 +24,8 @@ from splitserve.kernels.attention_metadata import AttentionMetadata, with_device
 from splitserve.kernels.kv_quant import FP8_MAX
 from splitserve.models.arch import CheckpointError
 
+# Other spellings of the same scales -> ours.
+_ALIASES = {"self_attn.k_proj.output_scale": "self_attn.k_scale", "self_attn.v_proj.output_scale": "self_attn.v_scale"}
 CALIBRATION_TOKENS = 256
 CALIBRATION_MARGIN = 2.0  # later tokens may exceed what the calibration prompt showed
 
@@ -33,8 +36,9 @@ def checkpoint_kv_scales(model_dir: Path, num_layers: int) -> torch.Tensor | Non
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                if name.endswith(("self_attn.k_scale", "self_attn.v_scale", "self_attn.kv_scale")):
-                    found[name] = float(f.get_tensor(name).float().max())
+                ours = next((name[: -len(alias)] + canonical for alias, canonical in _ALIASES.items() if name.endswith(alias)), name)
+                if ours.endswith(("self_attn.k_scale", "self_attn.v_scale", "self_attn.kv_scale")):
+                    found[ours] = float(f.get_tensor(name).float().max())
     if not found:
         return None
     scales = torch.empty(num_layers, 2)

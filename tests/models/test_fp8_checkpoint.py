@@ -141,6 +141,29 @@ def test_kv_scales_come_from_the_checkpoint_when_it_has_them(llama_dir, tmp_path
     assert measured.kv_scales_id != runner.kv_scales_id  # the handshake tells the two apart
 
 
+def test_compressed_tensors_kv_scales_are_read_too(llama_dir, tmp_path):
+    def add_scales(tensors):
+        for i in range(2):
+            tensors[f"model.layers.{i}.self_attn.k_proj.output_scale"] = torch.tensor([0.125])
+            tensors[f"model.layers.{i}.self_attn.v_proj.output_scale"] = torch.tensor([0.5])
+        return tensors
+
+    with_scales = _copy(llama_dir, tmp_path / "kv-output-scales", None, add_scales)
+    runner = ModelRunner(ModelConfig(with_scales, dtype="bfloat16"), CacheConfig(block_size=4, num_blocks=8, kv_cache_dtype="fp8"))
+    assert runner.kv_scales.tolist() == [[0.125, 0.5], [0.125, 0.5]]
+
+
+def test_kv_scales_for_some_layers_only_are_refused(llama_dir, tmp_path):
+    def add_one(tensors):
+        tensors["model.layers.0.self_attn.k_scale"] = torch.tensor(0.25)
+        tensors["model.layers.0.self_attn.v_scale"] = torch.tensor(0.25)
+        return tensors
+
+    partial = _copy(llama_dir, tmp_path / "kv-partial", None, add_one)
+    with pytest.raises(CheckpointError, match="not layer 1"):
+        ModelRunner(ModelConfig(partial, dtype="bfloat16"), CacheConfig(block_size=4, num_blocks=8, kv_cache_dtype="fp8"))
+
+
 def test_measured_kv_scales_are_powers_of_two_that_cover_the_calibration(llama_dir):
     runner = ModelRunner(ModelConfig(llama_dir, dtype="bfloat16"), CacheConfig(block_size=4, num_blocks=8, kv_cache_dtype="fp8"))
     again = ModelRunner(ModelConfig(llama_dir, dtype="float32"), CacheConfig(block_size=16, num_blocks=64, kv_cache_dtype="fp8"))
