@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import urllib.request
 
+import pytest
+
 from splitserve.client import Client
 from splitserve.testing.cluster import wait_until
 
@@ -50,3 +52,17 @@ def test_a_decode_worker_of_another_kv_dtype_refuses_fp8_blocks(start_cluster):
     assert decode.stats().num_kv_transfers == 0 and decode.stats().num_local_prefills == 1
     assert "float8_e4m3fn" in decode.output() and "dtype" in decode.output()
     assert wait_until(lambda: _idle(prefill, decode))
+
+
+@pytest.mark.slow
+def test_fp8_kv_moves_from_a_tp2_prefill_pool_to_a_tp1_decode_pool(start_cluster):
+    """Head slices of fp8 blocks, under scales both pools measured alike, give the colocated tokens."""
+    disaggregated = start_cluster(worker_args=[*FP8, "--num-blocks", "96"])
+    prefill, decode = disaggregated.add_workers(("prefill", "prefill-tp2", ["--tp-size", "2"]), ("decode", "decode-tp1"))
+    hop = [Client(disaggregated.address).complete(p, max_tokens=8, ignore_eos=True, timeout=120).token_ids for p in PROMPTS]
+    assert decode.stats().num_kv_transfers == len(PROMPTS) and decode.stats().num_local_prefills == 0
+    assert wait_until(lambda: _idle(prefill, decode))
+
+    colocated = start_cluster(worker_args=[*FP8, "--num-blocks", "96"])
+    colocated.add_workers(("decode", "decode-alone"))
+    assert hop == [Client(colocated.address).complete(p, max_tokens=8, ignore_eos=True, timeout=120).token_ids for p in PROMPTS]
