@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -26,6 +26,7 @@ from splitserve.engine.request import PLACEHOLDER, FinishReason, Request, TokenL
 from splitserve.engine.sampler import Sampler
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import KVLoad, RemoteKV, Scheduler, SchedulerOutput
+from splitserve.engine.speculative import SpeculativeDecoder
 from splitserve.engine.stats import EngineStats, RequestClock, RequestTimes
 
 
@@ -76,6 +77,10 @@ class LLMEngine:
         self.sampler = Sampler()
         wanted = config.scheduler.async_scheduling
         self.async_scheduling = wanted if wanted is not None else self.runner.device.type == "cuda"
+        # Speculative steps are synchronous: the next proposals need this step's accepted tokens.
+        self.speculative = (
+            SpeculativeDecoder(config.speculative, self.runner, self.kv_cache_manager) if config.speculative.method else None
+        )
         self._in_flight: _InFlight | None = None
         self.num_discarded_rows = 0  # rows computed for requests that had stopped (async scheduling)
         self.num_host_sampled_steps = 0  # async scheduling: steps that waited to sample on the host
@@ -117,6 +122,8 @@ class LLMEngine:
         if bad is not None:
             raise InvalidRequestError("logit_bias", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         if params.constraint is not None:
+            if self.speculative is not None:  # its proposals and acceptance do not consult the grammar
+                raise InvalidRequestError(params.constraint.field, "is not supported by a worker running speculative decoding")
             self.grammars.compiler.compile(params.constraint)  # cached: enqueue finds it compiled
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, **options) -> Request:
@@ -197,7 +204,10 @@ class LLMEngine:
     # -- one step ------------------------------------------------------------
 
     def step(self) -> StepResult:
-        result = self._step_async() if self.async_scheduling else self._step_sync()
+        if self.speculative is not None:
+            result = self._step_speculative()
+        else:
+            result = self._step_async() if self.async_scheduling else self._step_sync()
         self._record(result.outputs)
         return result
 
@@ -258,6 +268,17 @@ class LLMEngine:
         self.scheduler.update_from_output(out, sampled)
         return StepResult([self._output(r, *sampled[r.request_id]) for r in to_sample], out.kv_loads)
 
+    def _step_speculative(self) -> StepResult:
+        self.speculative.propose(self.scheduler)
+        out = self._schedule()
+        if not out.scheduled:
+            return StepResult([], out.kv_loads)
+        logits = self._prompt_logprobs(out, self.runner.execute(out))
+        outputs = []
+        for request, token_ids, logprobs in self.speculative.sample(self.scheduler, out, logits, self.sampler):
+            outputs.append(replace(self._output(request, token_ids[-1], None), new_token_ids=token_ids, new_logprobs=logprobs))
+        return StepResult(outputs, out.kv_loads)
+
     # -- stats -----------------------------------------------------------------
 
     def stats(self) -> EngineStats:
@@ -278,6 +299,7 @@ class LLMEngine:
             num_preemptions=s.num_preemptions,
             num_discarded_rows=self.num_discarded_rows,
             num_tokens_in_flight=sum(r.num_tokens - r.num_computed_tokens for r in [*s.waiting, *s.running]),
+            spec=self.speculative.stats if self.speculative is not None else None,
         )
 
     def drain_request_times(self) -> list[RequestTimes]:
@@ -342,8 +364,9 @@ class LLMEngine:
         sample_rows, row = [], 0
         for s in out.scheduled:
             if not s.all_rows:
-                sample_rows += [row] if s.sample else []
-                row += s.sample
+                num_rows = (1 + s.num_spec) if s.sample else 0  # the proposed tokens' rows too
+                sample_rows += range(row, row + num_rows)
+                row += num_rows
                 continue
             request = self.scheduler.requests[s.request_id]
             k = request.sampling_params.prompt_logprobs

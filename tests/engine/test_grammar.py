@@ -228,3 +228,18 @@ def test_preempted_constrained_requests_keep_their_grammar_state(make_engine, ll
     assert _run(tight, requests) == roomy
     assert tight.scheduler.num_preemptions > 0
     _check(tokenizer, roomy)
+
+
+def test_a_speculative_engine_refuses_constraints(llama_tiny_dir):
+    """Speculative proposals and their acceptance do not consult a grammar: refused, not ignored."""
+    from splitserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+    from splitserve.engine.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(
+        model=ModelConfig(llama_tiny_dir, dtype=torch.float32), cache=CacheConfig(block_size=4, num_blocks=64),
+        scheduler=SchedulerConfig(), speculative=SpeculativeConfig(method="ngram"),
+    ))
+    with pytest.raises(InvalidRequestError) as info:
+        engine.validate([3, 4, 5], SamplingParams(constraint=Constraint.regex("[0-9]+")))
+    assert info.value.field == "constraint.regex" and "speculative" in str(info.value)
+    engine.validate([3, 4, 5], SamplingParams())  # unconstrained requests are served as before
