@@ -7,6 +7,9 @@ Events, in time order (ties in the order they were scheduled):
   step_end    a worker's step is over: sampled tokens reach the client, finished prompts
               start their KV transfer, and the worker starts its next step if it has work
   landed      a prompt's KV is on the decode worker: the request joins its batch
+  loop        the router's event loop finished one message (with ``router_message_us``):
+              an admission (the request is placed then) or a request's waiting tokens (they
+              reach the client then; a prefill's first token also hands the request to decode)
 
 The router picks workers with the real policy's cost functions
 (``services/router/routing.py``) applied to the simulated workers' load, and, for the
@@ -29,6 +32,7 @@ from splitserve.controlplane.types import LiveWorker, WorkerInfo
 from splitserve.profile.schema import Profile
 from splitserve.services.router.placement import PlacementPolicy, PlacementState
 from splitserve.services.router.routing import CostWeights, PrefixAwarePolicy
+from splitserve.sim.router_loop import RouterLoop
 from splitserve.sim.router_view import RouterView, ViewTiming
 from splitserve.sim.worker import EngineLimits, Job, SimWorker
 from splitserve.sim.workload import SimRequest
@@ -40,12 +44,12 @@ class Overheads:
 
     dispatch_ms: float = 0.0  # router -> worker, per hop (the decode hop after a prefill too)
     stream_ms: float = 0.0  # a sampled token -> the client, when nothing is queued before it
-    # Every token passes one FIFO server on its way out (the router's and the client's event
-    # loops): each costs this much of it, so tokens of large batches queue behind each other.
-    stream_token_us: float = 0.0
+    # The router's event loop (router_loop.py): each admission and each message to a client
+    # costs it this much; 0 leaves it out (every message is sent the moment it exists).
+    router_message_us: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.dispatch_ms < 0 or self.stream_ms < 0 or self.stream_token_us < 0:
+        if self.dispatch_ms < 0 or self.stream_ms < 0 or self.router_message_us < 0:
             raise ValueError(f"overheads must be >= 0: {self}")
 
 
@@ -88,6 +92,7 @@ class _Trace:
     request: SimRequest
     token_times: list = field(default_factory=list)
     num_cached: int = 0
+    handoff: bool = False  # its prompt is done on a prefill worker; decode starts once its first token is sent
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,8 @@ class Simulator:
         self._events: list = []
         self._seq = itertools.count()
         self._num_open = 0
-        self._stream_free_at = 0.0
+        message_us = layout.overheads.router_message_us
+        self.loop = RouterLoop(message_us / 1e6) if message_us else None
         self._traces: dict[int, _Trace] = {}
         self._placements: Counter = Counter()
         self._transfers = 0
@@ -215,6 +221,32 @@ class Simulator:
             self.view.track(worker.worker_id, num_blocks=-(-(job.prompt_len + 1) // worker.limits.block_size), sign=sign)
 
     def _on_arrive(self, now: float, r: SimRequest) -> None:
+        if self.loop is None:
+            self._place(now, r)
+            return
+        self._loop_at(self.loop.admit(r.index, now))
+
+    def _loop_at(self, time_s: float | None) -> None:
+        if time_s is not None:
+            self._at(time_s, "loop")
+
+    def _on_loop(self, now: float) -> None:
+        served, next_at = self.loop.finish(now)
+        self._loop_at(next_at)
+        trace = self._traces[served.request_id]
+        if served.kind == "admit":
+            self._place(now, trace.request)
+            return
+        self._sent(now, trace, served.num_tokens)
+
+    def _sent(self, now: float, trace: _Trace, num_tokens: int) -> None:
+        """``num_tokens`` of the request's tokens leave the router for its client at ``now``."""
+        trace.token_times.extend([now + self.layout.overheads.stream_ms / 1e3] * num_tokens)
+        if trace.handoff:
+            trace.handoff = False
+            self._start_transfer(now, trace.request)
+
+    def _place(self, now: float, r: SimRequest) -> None:
         decode = self._pick_decode(r)
         hop = self.layout.overheads.dispatch_ms / 1e3
         if self._remote(r, decode):
@@ -246,23 +278,24 @@ class Simulator:
 
     def _on_step_end(self, now: float, worker: SimWorker, result) -> None:
         worker.stepping = False
-        overheads = self.layout.overheads
-        for job in result.sampled:
-            self._stream_free_at = max(now, self._stream_free_at) + overheads.stream_token_us / 1e6
-            self._traces[job.request_id].token_times.append(self._stream_free_at + overheads.stream_ms / 1e3)
-            if worker.role == "decode" and not job.tracked:
-                job.tracked = True  # the router counts it from its first decode token
-                self._track(worker, job, +1)
         for job in result.finished:
             trace = self._traces[job.request_id]
             self._track(worker, job, -1)
             if worker.role == "prefill" and trace.request.output_len > 1:
-                self._start_transfer(now, trace.request, job)
+                trace.handoff = True  # the router opens the decode side after sending the first token
             else:
                 self._num_open -= 1
+        for job in result.sampled:
+            if self.loop is None:
+                self._sent(now, self._traces[job.request_id], 1)
+            else:
+                self._loop_at(self.loop.token(job.request_id, now))
+            if worker.role == "decode" and not job.tracked:
+                job.tracked = True  # the router counts it from its first decode token
+                self._track(worker, job, +1)
         self._wake(now, worker)
 
-    def _start_transfer(self, now: float, r: SimRequest, job: Job) -> None:
+    def _start_transfer(self, now: float, r: SimRequest) -> None:
         decode = self._pick_decode(r)
         profile = self.layout.decode_profile
         transfer = profile.transfer_model.transfer_ms(profile.kv_bytes(r.prompt_len)) / 1e3

@@ -1,6 +1,8 @@
 """The simulator against queueing cases computed by hand: exact times, not tolerances."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from splitserve.bench.metrics import compute_metrics, ttft
@@ -111,3 +113,34 @@ def test_kv_capacity_holds_requests_back():
     requests = [SimRequest(0, 0.0, 40, 2), SimRequest(1, 0.0, 40, 1)]
     result = run(colocated(constant(1.0), num_blocks=4), requests)
     assert [round(ttft(r) * 1e3, 9) for r in result.records] == [1.0, 3.0]
+
+
+def _router_loop(step: StepModel, message_ms: float, **limits) -> Layout:
+    return replace(colocated(step, **limits), overheads=Overheads(router_message_us=message_ms * 1e3))
+
+
+def test_admissions_queue_at_the_router_loop():
+    # 1 ms per message: admitted at 1 and 2 ms. A's step 1-11, its token sent 11-12. B reached the
+    # engine mid-step and joins the next one (11-21), its token sent 21-22. TTFT 12 and 22 ms.
+    requests = [SimRequest(0, 0.0, 32, 1), SimRequest(1, 0.0, 32, 1)]
+    result = run(_router_loop(constant(10.0), 1.0), requests)
+    assert [round(ttft(r) * 1e3, 9) for r in result.records] == [12.0, 22.0]
+
+
+def test_a_busy_router_loop_merges_a_requests_tokens():
+    # 2.5 ms per message, 1 ms steps: admitted at 2.5; tokens sampled at 3.5, 4.5, ..., 7.5. The
+    # first leaves alone (3.5-6.0); the two that came meanwhile leave together (6.0-8.5), then
+    # the last two (8.5-11.0).
+    result = run(_router_loop(constant(1.0), 2.5), [SimRequest(0, 0.0, 10, 5)])
+    assert [round(t * 1e3, 9) for t in result.records[0].chunk_times] == [6.0, 8.5, 8.5, 11.0, 11.0]
+
+
+def test_the_first_token_is_sent_before_the_decode_side_opens():
+    # Disaggregated, 1 ms per message, 1 ms hop, 2 ms steps, 5 ms transfer: admitted at 1, prefill
+    # 2-4, first token sent 4-5, then the decode hop and the transfer land the KV at 11; decode
+    # steps 11-13 and 13-15, each token sent 1 ms after its step.
+    profile = make_profile(constant(2.0), TransferModel(5.0, 1e6))
+    layout = Layout(1, 1, profile, profile, EngineLimits(async_scheduling=False),
+                    overheads=Overheads(dispatch_ms=1.0, router_message_us=1000.0))
+    result = run(layout, [SimRequest(0, 0.0, 100, 3)])
+    assert [round(t * 1e3, 6) for t in result.records[0].chunk_times] == [5.0, 14.0, 16.0]
