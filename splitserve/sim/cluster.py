@@ -70,6 +70,7 @@ class Layout:
     prefill_threshold: int = 0
     overheads: Overheads = Overheads()
     placement_policy: PlacementPolicy | None = None  # for "adaptive"
+    mixed: bool = False  # decode workers in a mixed role (--accept-prefill): they prefill for each other too
 
     def __post_init__(self) -> None:
         if self.num_decode < 1 or self.num_prefill < 0:
@@ -80,6 +81,8 @@ class Layout:
             raise ValueError(f"placement must be remote, threshold or adaptive, got {self.placement!r}")
         if self.placement == "adaptive" and self.placement_policy is None:
             raise ValueError("adaptive placement needs a placement_policy")
+        if self.mixed and self.placement != "adaptive":
+            raise ValueError("mixed-role decode workers need adaptive placement (it decides when they have headroom)")
 
     @property
     def num_gpus(self) -> int:
@@ -93,6 +96,7 @@ class _Trace:
     token_times: list = field(default_factory=list)
     num_cached: int = 0
     handoff: bool = False  # its prompt is done on a prefill worker; decode starts once its first token is sent
+    prefilled_on: str = ""  # the worker that computed its prompt for another (a mixed one never decodes it too)
 
 
 @dataclass(frozen=True)
@@ -160,45 +164,50 @@ class Simulator:
 
     # -- routing ------------------------------------------------------------------------
 
-    def _live(self, worker: SimWorker, role: str) -> LiveWorker:
+    def _live(self, worker: SimWorker) -> LiveWorker:
         load = self.view.load(worker.worker_id) if self.view else worker.load()
-        return LiveWorker(WorkerInfo(worker.worker_id, role, worker.worker_id, worker.limits.block_size), load)
+        mixed = worker.role == "decode" and self.layout.mixed
+        return LiveWorker(WorkerInfo(worker.worker_id, worker.role, worker.worker_id, worker.limits.block_size,
+                                     accepts_prefill=mixed), load)
 
-    def _pick_prefill(self, r: SimRequest) -> SimWorker:
+    def _pick_prefill(self, r: SimRequest, candidates: Sequence[SimWorker] | None = None) -> SimWorker:
+        candidates = self.prefill if candidates is None else candidates
         matches = {w.worker_id: r.prefix_len // w.limits.block_size if r.prefix_id in w.cached_prefixes else 0
-                   for w in self.prefill}
+                   for w in candidates}
         # The first block's hash breaks ties: prompts of one prefix share it, others differ.
         first_block = f"prefix-{r.prefix_id}" if r.prefix_id is not None else f"request-{r.index}"
-        decision = self.policy.pick_prefill([first_block.encode()], [self._live(w, "prefill") for w in self.prefill],
+        decision = self.policy.pick_prefill([first_block.encode()], [self._live(w) for w in candidates],
                                             matches, r.prompt_len)
         return self._by_id[decision.worker_id]
 
-    def _pick_decode(self, r: SimRequest) -> SimWorker:
+    def _pick_decode(self, r: SimRequest, avoid: str = "") -> SimWorker:
         num_blocks = -(-(r.prompt_len + 1) // self.layout.limits.block_size)
-        decision = self.policy.pick_decode([self._live(w, "decode") for w in self.decode], num_blocks, f"sim-{r.index}".encode())
+        candidates = [w for w in self.decode if w.worker_id != avoid] or self.decode
+        decision = self.policy.pick_decode([self._live(w) for w in candidates], num_blocks, f"sim-{r.index}".encode())
         return self._by_id[decision.worker_id]
 
-    def _remote(self, r: SimRequest, decode: SimWorker) -> bool:
+    def _prefill_worker(self, r: SimRequest, decode: SimWorker) -> SimWorker | None:
+        """Where the prompt is prefilled for ``decode`` to decode it; None: on ``decode`` itself."""
         layout = self.layout
-        if not self.prefill:
+        if not self.prefill and not layout.mixed:
             self._placements["colocated"] += 1
-            return False
+            return None
         if layout.placement == "remote":
             self._placements["remote"] += 1
-            return True
+            return self._pick_prefill(r)
         if layout.placement == "threshold":
             remote = r.prompt_len >= layout.prefill_threshold
             self._placements["threshold_remote" if remote else "threshold_local"] += 1
-            return remote
-        prefill = self._pick_prefill(r)
-        state = PlacementState(
-            prompt_len=r.prompt_len,
-            prefill=self._live(prefill, "prefill"),
-            decode=self._live(decode, "decode"),
-        )
-        decision = layout.placement_policy.decide(state)
+            return self._pick_prefill(r) if remote else None
+        policy = layout.placement_policy
+        # As the router's Placer: mixed-role decode workers other than ``decode``, with headroom.
+        helpers = [w for w in self.decode if layout.mixed and w is not decode and policy.has_headroom(self._live(w), r.prompt_len)]
+        candidates = [*self.prefill, *helpers]
+        prefill = self._pick_prefill(r, candidates) if candidates else None
+        state = PlacementState(r.prompt_len, self._live(prefill) if prefill else None, self._live(decode))
+        decision = policy.decide(state)
         self._placements[f"{decision.where}:{decision.reason}"] += 1
-        return decision.where == "remote"
+        return None if decision.where == "local" else prefill
 
     # -- events -------------------------------------------------------------------------
 
@@ -215,7 +224,7 @@ class Simulator:
     def _track(self, worker: SimWorker, job: Job, sign: int) -> None:
         if self.view is None:
             return
-        if worker.role == "prefill":
+        if job.prefill_only:
             self.view.track(worker.worker_id, num_tokens=job.prompt_len, sign=sign)
         else:
             self.view.track(worker.worker_id, num_blocks=-(-(job.prompt_len + 1) // worker.limits.block_size), sign=sign)
@@ -244,14 +253,14 @@ class Simulator:
         trace.token_times.extend([now + self.layout.overheads.stream_ms / 1e3] * num_tokens)
         if trace.handoff:
             trace.handoff = False
-            self._start_transfer(now, trace.request)
+            self._start_transfer(now, trace.request, trace.prefilled_on)
 
     def _place(self, now: float, r: SimRequest) -> None:
         decode = self._pick_decode(r)
         hop = self.layout.overheads.dispatch_ms / 1e3
-        if self._remote(r, decode):
-            job = Job(r.index, r.prompt_len, r.prompt_len + 1, prefix_id=r.prefix_id, prefix_len=r.prefix_len)
-            prefill = self._pick_prefill(r)
+        prefill = self._prefill_worker(r, decode)
+        if prefill is not None:
+            job = Job(r.index, r.prompt_len, r.prompt_len + 1, prefix_id=r.prefix_id, prefix_len=r.prefix_len, prefill_only=True)
             self._track(prefill, job, +1)
             self._at(now + hop, "deliver", prefill, job)
         else:
@@ -281,8 +290,9 @@ class Simulator:
         for job in result.finished:
             trace = self._traces[job.request_id]
             self._track(worker, job, -1)
-            if worker.role == "prefill" and trace.request.output_len > 1:
+            if job.prefill_only and trace.request.output_len > 1:
                 trace.handoff = True  # the router opens the decode side after sending the first token
+                trace.prefilled_on = worker.worker_id
             else:
                 self._num_open -= 1
         for job in result.sampled:
@@ -290,13 +300,13 @@ class Simulator:
                 self._sent(now, self._traces[job.request_id], 1)
             else:
                 self._loop_at(self.loop.token(job.request_id, now))
-            if worker.role == "decode" and not job.tracked:
+            if not job.prefill_only and not job.tracked:
                 job.tracked = True  # the router counts it from its first decode token
                 self._track(worker, job, +1)
         self._wake(now, worker)
 
-    def _start_transfer(self, now: float, r: SimRequest) -> None:
-        decode = self._pick_decode(r)
+    def _start_transfer(self, now: float, r: SimRequest, prefilled_on: str) -> None:
+        decode = self._pick_decode(r, avoid=prefilled_on)
         profile = self.layout.decode_profile
         transfer = profile.transfer_model.transfer_ms(profile.kv_bytes(r.prompt_len)) / 1e3
         self._transfers += 1

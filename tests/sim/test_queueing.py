@@ -144,3 +144,34 @@ def test_the_first_token_is_sent_before_the_decode_side_opens():
                     overheads=Overheads(dispatch_ms=1.0, router_message_us=1000.0))
     result = run(layout, [SimRequest(0, 0.0, 100, 3)])
     assert [round(t * 1e3, 6) for t in result.records[0].chunk_times] == [5.0, 14.0, 16.0]
+
+
+def test_mixed_role_decode_worker_prefills_for_a_busy_one():
+    # Steps: 1 ms + 5 ms per row + 1e-4 ms per causal pair (a 1,000-token prompt: 50 ms), so a
+    # prompt beside many rows stalls them. A 3,000-token request fills a third of one worker's
+    # 400 blocks (so it is the dearer to decode on); ten short ones then go to the other. A
+    # 1,000-token prompt at 2 s: on its decode worker (10 rows) a step of 106 ms breaks the 80 ms
+    # ITL SLO; the worker with one row has the headroom (61 ms): it prefills, the other decodes.
+    from splitserve.services.router.placement import EngineBudget, PlacementPolicy, PlacementSLO
+
+    step = StepModel(1.0, 5.0, 0.0, 0.0, 0.0, 1e-4)
+    profile = make_profile(step, TransferModel(1.0, 1e6))
+    policy = PlacementPolicy(profile, profile, PlacementSLO(ttft_ms=5000.0, itl_ms=80.0), EngineBudget(), EngineBudget())
+    layout = Layout(0, 2, None, profile, EngineLimits(num_blocks=400, async_scheduling=False), placement="adaptive",
+                    placement_policy=policy, mixed=True)
+    requests = [SimRequest(0, 0.0, 3000, 400), *(SimRequest(k, 0.5 + 0.01 * k, 10, 400) for k in range(1, 11)),
+                SimRequest(11, 2.0, 1000, 4)]
+    result = run(layout, requests)
+    assert result.placements["mixed:itl"] == 1
+    assert result.kv_transfers == 1
+    assert sum(result.placements.values()) == len(requests) and "remote:itl" not in result.placements
+    assert all(len(r.chunk_times) == r.max_tokens for r in result.records)
+    # Without the mixed role the prompt is prefilled on the busy worker, inside its ten rows' steps.
+    plain = run(replace(layout, mixed=False), requests)
+    assert plain.kv_transfers == 0 and plain.placements == {"colocated": len(requests)}
+
+    def longest_gap_of_the_short_ones(records) -> float:
+        return max(b - a for r in records[1:11] for a, b in zip(r.chunk_times, r.chunk_times[1:]))
+
+    assert longest_gap_of_the_short_ones(plain.records) > 0.1
+    assert longest_gap_of_the_short_ones(result.records) < 0.08
