@@ -50,6 +50,7 @@ def layout_to_proto(layout: KVLayout) -> worker_pb.KVLayout:
         tp_size=layout.tp_size,
         layout=layout.layout,
         total_num_kv_heads=layout.total_num_kv_heads,
+        kv_scales=layout.kv_scales,
     )
 
 
@@ -64,6 +65,7 @@ def layout_from_proto(msg: worker_pb.KVLayout) -> KVLayout:
         tp_size=msg.tp_size,
         layout=msg.layout,
         total_num_kv_heads=msg.total_num_kv_heads,
+        kv_scales=msg.kv_scales,
     )
 
 
@@ -97,7 +99,9 @@ class WorkerRuntime:
         self.loop = EngineLoop(self.engine, on_kv_events=self._on_kv_events)
         runner = self.engine.runner
         tp_size = config.engine.parallel.tensor_parallel_size
-        self.layout = KVLayout.from_kv_cache(runner.kv_cache, model=model_name, tp_size=tp_size, total_num_kv_heads=runner.arch.num_kv_heads)
+        self.layout = KVLayout.from_kv_cache(
+            runner.kv_cache, model=model_name, tp_size=tp_size, total_num_kv_heads=runner.arch.num_kv_heads, kv_scales=runner.kv_scales_id
+        )
         self.agent = KVTransferAgent(agent_name, runner.kv_cache, self.layout)
         ranks = getattr(runner, "ranks", [])
         self.kv = KVGroup(self.agent, ranks, [RankAgent(i.rank, i.agent_name, i.agent_metadata) for i in getattr(runner, "infos", [])])
@@ -108,7 +112,8 @@ class WorkerRuntime:
             runner.on_failure(self._on_rank_failure)
         info = WorkerInfo(
             worker_id=config.worker_id, role=config.role, address=config.address, block_size=config.engine.cache.block_size,
-            tp_size=tp_size, model=self.layout.model, accepts_prefill=config.accepts_prefill,
+            tp_size=tp_size, model=self.layout.model, kv_cache_dtype=self.layout.dtype, quantization=runner.quantization,
+            accepts_prefill=config.accepts_prefill,
         )
         self.presence = WorkerAgent(control_plane, info, self.load, lambda: list(self.engine.block_pool.cached), config.heartbeat_ttl_seconds)
         self.control_plane = control_plane

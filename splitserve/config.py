@@ -22,6 +22,10 @@ DTYPES = {
 }
 
 
+QUANTIZATIONS = (None, "none", "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model dtype; fp8: float8 e4m3 with per-layer K/V scales
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field."""
 
@@ -48,9 +52,15 @@ class ModelConfig:
     dtype: torch.dtype | None = None  # None: the checkpoint's torch_dtype
     device: str = "cpu"
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    # "fp8": linear layers' weights in float8 e4m3 with per-channel scales (quantized at load, or
+    # as an FP8 checkpoint stores them); "none": the model dtype. None: the checkpoint's own
+    # (fp8 when its quantization_config says so).
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {QUANTIZATIONS[1:]}, got {self.quantization!r}")
         if self.dtype is not None:
             object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         if self.max_model_len is not None:
@@ -77,9 +87,12 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     num_blocks: int | None = None  # overrides the memory budget when set (tests)
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.kv_cache_bytes is not None:
             _positive("kv_cache_bytes", self.kv_cache_bytes)
         if self.num_blocks is not None:

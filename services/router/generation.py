@@ -88,9 +88,24 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             "step, because the client (or the router) fell behind", ["role"], registry=metrics.registry,
         ).labels("router")
 
+    async def pool_dtypes(self) -> dict[str, dict[str, str]]:
+        """{"kv_cache_dtype": {role: dtype}, "quantization": {role: method}} over the live workers of each
+        pool; a pool whose workers differ lists every value, comma-separated; a pool with none is left out."""
+        out: dict[str, dict[str, str]] = {"kv_cache_dtype": {}, "quantization": {}}
+        for role in ("prefill", "decode"):
+            workers = await self.workers.live(role)
+            for key, per_role in out.items():
+                values = sorted({getattr(w.info, key) for w in workers if getattr(w.info, key)})
+                if values:
+                    per_role[role] = ",".join(values)
+        return out
+
     async def GetModelInfo(self, request, context) -> gen_pb.ModelInfo:
         s = self.settings
+        dtypes = await self.pool_dtypes()
         return gen_pb.ModelInfo(
+            kv_cache_dtype=dtypes["kv_cache_dtype"],
+            quantization=dtypes["quantization"],
             model=s.model_name,
             architecture=s.architecture,
             max_model_len=s.limits.max_model_len,

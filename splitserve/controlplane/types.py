@@ -38,6 +38,8 @@ class WorkerInfo:
     block_size: int
     tp_size: int = 1
     model: str = ""
+    kv_cache_dtype: str = ""  # what the worker's KV cache holds ("" from workers that predate it)
+    quantization: str = ""  # its weights': "none" or "fp8"
     # A decode worker that also takes prefill-only work for other decode workers (mixed role,
     # --accept-prefill); the router gives it some only while its own batch leaves room.
     accepts_prefill: bool = False

@@ -7,9 +7,12 @@ import torch
 
 from splitserve.config import CacheConfig, ModelConfig
 from splitserve.engine.cuda_graphs import DecodeCUDAGraphs
+from splitserve.engine.kv_scales import fingerprint
+from splitserve.engine.quantized_cache import resolve_kv_cache
 from splitserve.engine.scheduler import SchedulerOutput
 from splitserve.kernels.attention_metadata import AttentionMetadata, to_device, with_device_tensors
 from splitserve.kernels.backend import select_backend
+from splitserve.models.fp8 import is_fp8_quantized
 from splitserve.models.layers import TPGroup
 from splitserve.models.loader import load_model
 
@@ -42,14 +45,18 @@ class ModelRunner:
         arch_max_len = self._peek_max_len(model_config)
         self.max_model_len = model_config.max_model_len or arch_max_len
         self.model, self.arch = load_model(
-            model_config.model_dir, model_config.dtype, self.device, tp, max_positions=max(self.max_model_len, arch_max_len)
+            model_config.model_dir, model_config.dtype, self.device, tp, max_positions=max(self.max_model_len, arch_max_len),
+            quantization=model_config.quantization,
         )
-        self.dtype = next(self.model.parameters()).dtype
+        self.dtype = self.model.embed_tokens.weight.dtype  # the activations' (weights may be fp8)
+        self.quantization = "fp8" if is_fp8_quantized(self.model) else "none"
         attn = self.model.layers[0].self_attn
         self.kv_block_shape = (attn.num_kv_heads, self.arch.num_layers, 2, self.block_size, attn.head_dim)
-        self.num_blocks = self._num_blocks(cache_config)
-        self.kv_cache = torch.zeros((self.num_blocks, *self.kv_block_shape), dtype=self.dtype, device=self.device)
         self.backend = select_backend(self.device)
+        self.kv_cache_dtype, self.kv_scales = resolve_kv_cache(self.model, model_config, cache_config, self.backend, self.max_model_len)
+        self.kv_scales_id = fingerprint(self.kv_scales)
+        self.num_blocks = self._num_blocks(cache_config)
+        self.kv_cache = torch.zeros((self.num_blocks, *self.kv_block_shape), dtype=self.kv_cache_dtype, device=self.device)
         self.graphs: DecodeCUDAGraphs | None = None  # decode steps replayed as CUDA graphs
         if self.device.type == "cuda" and self.backend.needs_device_tensors:
             self.model.use_gpu_kernels()
@@ -79,7 +86,7 @@ class ModelRunner:
         n = 1
         for d in self.kv_block_shape:
             n *= d
-        return n * self.dtype.itemsize
+        return n * self.kv_cache_dtype.itemsize
 
     def _num_blocks(self, cache: CacheConfig) -> int:
         if cache.num_blocks is not None:

@@ -19,13 +19,15 @@ KV_EVENT_KIND_REMOVED: KVEventKind
 KV_EVENT_KIND_CLEARED: KVEventKind
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "block_size", "tp_size", "model", "accepts_prefill")
+    __slots__ = ("worker_id", "role", "address", "block_size", "tp_size", "model", "kv_cache_dtype", "quantization", "accepts_prefill")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_PREFILL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
@@ -33,8 +35,10 @@ class WorkerInfo(_message.Message):
     block_size: int
     tp_size: int
     model: str
+    kv_cache_dtype: str
+    quantization: str
     accepts_prefill: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., block_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., model: _Optional[str] = ..., accepts_prefill: _Optional[bool] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., block_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., model: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., accepts_prefill: _Optional[bool] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("num_waiting", "num_running", "num_tokens_in_flight", "num_free_blocks", "num_total_blocks")

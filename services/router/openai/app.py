@@ -80,7 +80,7 @@ class OpenAIRoutes:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "draining"}, status_code=503)
 
-    def _model_card(self) -> dict[str, Any]:
+    async def _model_card(self) -> dict[str, Any]:
         s = self.service.settings
         # max_model_len as vLLM reports it; the vocabulary, EOS ids and output cap are splitserve's
         # additions, so a benchmark can draw random prompts without a tokenizer of its own.
@@ -88,14 +88,15 @@ class OpenAIRoutes:
             "id": self.model, "object": "model", "created": self.started, "owned_by": "splitserve", "root": self.model,
             "max_model_len": s.limits.max_model_len, "vocab_size": s.limits.vocab_size,
             "eos_token_ids": list(s.eos_token_ids), "max_tokens_limit": s.limits.max_tokens_limit,
+            **await self.service.pool_dtypes(),  # per pool: {"kv_cache_dtype": {"decode": "float8_e4m3fn"}, ...}
         }
 
     async def list_models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [self._model_card()]}
+        return {"object": "list", "data": [await self._model_card()]}
 
     async def get_model(self, model: str) -> dict[str, Any]:
         self._check_model(model)
-        return self._model_card()
+        return await self._model_card()
 
     async def completions(self, request: Request) -> Response:
         body = await request.body()
