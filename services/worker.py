@@ -195,6 +195,7 @@ class WorkerRuntime:
             num_prompt_tokens_computed=s.num_prompt_tokens_computed,
             num_prefix_hit_tokens=s.num_prefix_hit_tokens,
             num_requests_finished=self.loop.num_finished,
+            **_spec_fields(s),
             **(extra or {}),
         )
 
@@ -204,3 +205,13 @@ class WorkerRuntime:
             agent_name=self.agent.name, agent_metadata=ranks[0].agent_metadata, layout=layout_to_proto(self.layout),
             worker_id=self.config.worker_id, ranks=ranks,
         )
+
+
+def _spec_fields(s: EngineStats) -> dict:
+    if s.spec is None:
+        return {}
+    return dict(
+        num_spec_verifications=s.spec.num_verifications,
+        num_spec_draft_tokens=s.spec.num_draft_tokens,
+        num_spec_accepted_tokens=s.spec.num_accepted_tokens,
+    )

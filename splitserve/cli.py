@@ -43,6 +43,10 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
                    help="schedule step N+1 while the GPU runs step N; auto: on, on a GPU")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--speculative", choices=("off", "ngram", "draft"), default="off",
+                   help="speculative decoding: ngram (prompt lookup) or draft (--draft-model); decode steps then run synchronously")
+    p.add_argument("--num-speculative-tokens", type=positive_int, default=3, help="tokens proposed per request and step (K)")
+    p.add_argument("--draft-model", type=Path, default=None, help="with --speculative draft: a checkpoint with the target's vocabulary")
     p.add_argument("--tp-size", type=positive_int, default=1,
                    help="tensor-parallel size: one process per rank, on --device and the next GPUs (gloo on CPU); the KV pool of any TP size can exchange KV with this one")
 
@@ -352,6 +356,11 @@ def _run_worker(args) -> int:
     except ConfigError as e:
         print(f"error: --tp-size: {e}", file=sys.stderr)
         return 2
+    try:
+        speculative = speculative_config(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     engine = EngineConfig(
         model=ModelConfig(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, quantization=args.quantization),
         cache=CacheConfig(
@@ -367,6 +376,7 @@ def _run_worker(args) -> int:
             async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         ),
         parallel=parallel,
+        speculative=speculative,
     )
     worker_id = args.worker_id or f"{args.command}-{args.host}-{args.port}"
     config = WorkerConfig(
@@ -389,6 +399,18 @@ def _run_worker(args) -> int:
     except RankFailedError as e:  # the worker took itself down: health, registration and requests are settled
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def speculative_config(args):
+    from splitserve.config import ConfigError, SpeculativeConfig
+
+    if args.speculative == "off":
+        if args.draft_model is not None:
+            raise ConfigError("--draft-model needs --speculative draft")
+        return SpeculativeConfig()
+    if args.draft_model is not None and not (args.draft_model / "config.json").is_file():
+        raise ConfigError(f"--draft-model {args.draft_model}: no config.json there")
+    return SpeculativeConfig(method=args.speculative, num_speculative_tokens=args.num_speculative_tokens, draft_model=args.draft_model)
 
 
 def _kv_cache_bytes(args) -> int | None:

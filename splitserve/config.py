@@ -160,9 +160,44 @@ class TransferConfig:
             raise ConfigError("min_peer_gbps must be >= 0 and the peer backoffs positive")
 
 
+SPECULATIVE_METHODS = ("ngram", "draft")
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: who proposes tokens and how many the target checks per step.
+
+    ``method`` None: off. "ngram": prompt lookup, no model. "draft": a smaller checkpoint
+    with the same vocabulary (``draft_model``), with a paged KV cache of its own.
+    """
+
+    method: str | None = None
+    num_speculative_tokens: int = 3
+    draft_model: Path | None = None
+    ngram_max: int = 4  # the longest suffix n-gram looked up in the context
+    ngram_min: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"speculative: method must be one of {SPECULATIVE_METHODS}, got {self.method!r}")
+        if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(f"num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], got {self.num_speculative_tokens!r}")
+        if self.draft_model is not None:
+            object.__setattr__(self, "draft_model", Path(self.draft_model))
+        if self.method == "draft" and self.draft_model is None:
+            raise ConfigError("speculative: method 'draft' needs a draft model directory (--draft-model)")
+        if self.method != "draft" and self.draft_model is not None:
+            raise ConfigError("speculative: a draft model is only used with method 'draft'")
+        _positive("ngram_min", self.ngram_min)
+        if self.ngram_max < self.ngram_min:
+            raise ConfigError(f"ngram_max ({self.ngram_max}) must be >= ngram_min ({self.ngram_min})")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     parallel: ParallelConfig = ParallelConfig()
+    speculative: SpeculativeConfig = SpeculativeConfig()

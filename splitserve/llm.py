@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from splitserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, default_kv_cache_bytes
+from splitserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig, default_kv_cache_bytes
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.request import FinishReason, TokenLogprob
 from splitserve.engine.sampling_params import SamplingParams
@@ -36,10 +36,13 @@ class LLM:
         scheduler: SchedulerConfig = SchedulerConfig(),
         max_model_len: int | None = None,
         quantization: str | None = None,
+        speculative: SpeculativeConfig = SpeculativeConfig(),
     ) -> None:
         """``quantization``: "fp8" for fp8 linear weights, "none" to keep ``dtype``, None: the checkpoint's.
-        An fp8 KV cache is ``cache=CacheConfig(kv_cache_dtype="fp8", ...)``."""
-        self.engine = LLMEngine(self.engine_config(model_dir, device, dtype, cache, scheduler, max_model_len, quantization))
+        An fp8 KV cache is ``cache=CacheConfig(kv_cache_dtype="fp8", ...)``. ``speculative``: see
+        docs/speculative_decoding.md."""
+        config = self.engine_config(model_dir, device, dtype, cache, scheduler, max_model_len, quantization)
+        self.engine = LLMEngine(replace(config, speculative=speculative))
         self.tokenizer = load_tokenizer(model_dir)
         self._ids = itertools.count()
 

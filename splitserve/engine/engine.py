@@ -11,7 +11,7 @@ one row computed for nothing, discarded.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -24,6 +24,7 @@ from splitserve.engine.request import PLACEHOLDER, FinishReason, Request, TokenL
 from splitserve.engine.sampler import Sampler
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import KVLoad, RemoteKV, Scheduler, SchedulerOutput
+from splitserve.engine.speculative import SpeculativeDecoder
 from splitserve.engine.stats import EngineStats, RequestClock, RequestTimes
 
 
@@ -74,6 +75,10 @@ class LLMEngine:
         self.sampler = Sampler()
         wanted = config.scheduler.async_scheduling
         self.async_scheduling = wanted if wanted is not None else self.runner.device.type == "cuda"
+        # Speculative steps are synchronous: the next proposals need this step's accepted tokens.
+        self.speculative = (
+            SpeculativeDecoder(config.speculative, self.runner, self.kv_cache_manager) if config.speculative.method else None
+        )
         self._in_flight: _InFlight | None = None
         self.num_discarded_rows = 0  # rows computed for requests that had stopped (async scheduling)
         self.num_host_sampled_steps = 0  # async scheduling: steps that waited to sample on the host
@@ -169,7 +174,10 @@ class LLMEngine:
     # -- one step ------------------------------------------------------------
 
     def step(self) -> StepResult:
-        result = self._step_async() if self.async_scheduling else self._step_sync()
+        if self.speculative is not None:
+            result = self._step_speculative()
+        else:
+            result = self._step_async() if self.async_scheduling else self._step_sync()
         self._record(result.outputs)
         return result
 
@@ -226,6 +234,17 @@ class LLMEngine:
         self.scheduler.update_from_output(out, sampled)
         return StepResult([self._output(r, *sampled[r.request_id]) for r in to_sample], out.kv_loads)
 
+    def _step_speculative(self) -> StepResult:
+        self.speculative.propose(self.scheduler)
+        out = self._schedule()
+        if not out.scheduled:
+            return StepResult([], out.kv_loads)
+        logits = self._prompt_logprobs(out, self.runner.execute(out))
+        outputs = []
+        for request, token_ids, logprobs in self.speculative.sample(self.scheduler, out, logits, self.sampler):
+            outputs.append(replace(self._output(request, token_ids[-1], None), new_token_ids=token_ids, new_logprobs=logprobs))
+        return StepResult(outputs, out.kv_loads)
+
     # -- stats -----------------------------------------------------------------
 
     def stats(self) -> EngineStats:
@@ -246,6 +265,7 @@ class LLMEngine:
             num_preemptions=s.num_preemptions,
             num_discarded_rows=self.num_discarded_rows,
             num_tokens_in_flight=sum(r.num_tokens - r.num_computed_tokens for r in [*s.waiting, *s.running]),
+            spec=self.speculative.stats if self.speculative is not None else None,
         )
 
     def drain_request_times(self) -> list[RequestTimes]:
@@ -297,8 +317,9 @@ class LLMEngine:
         sample_rows, row = [], 0
         for s in out.scheduled:
             if not s.all_rows:
-                sample_rows += [row] if s.sample else []
-                row += s.sample
+                num_rows = (1 + s.num_spec) if s.sample else 0  # the proposed tokens' rows too
+                sample_rows += range(row, row + num_rows)
+                row += num_rows
                 continue
             request = self.scheduler.requests[s.request_id]
             k = request.sampling_params.prompt_logprobs

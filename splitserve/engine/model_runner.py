@@ -112,8 +112,8 @@ class ModelRunner:
             block_tables.append(s.block_ids)
             if s.all_rows:  # every row, the sampled one last (see LLMEngine._prompt_logprobs)
                 sample_rows.extend(range(query_start_loc[-2], query_start_loc[-1]))
-            elif s.sample:
-                sample_rows.append(query_start_loc[-1] - 1)
+            elif s.sample:  # the last row, and the rows of the proposed tokens' predecessors before it
+                sample_rows.extend(range(query_start_loc[-1] - 1 - s.num_spec, query_start_loc[-1]))
         bs = self.block_size
         slot_block = [s.block_ids[p // bs] for s in out.scheduled for p in range(s.start_pos, s.start_pos + len(s.token_ids))]
         # One pinned copy for the per-token rows (no stream sync: see to_device).
@@ -132,7 +132,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, placeholders: Placeholders | None = None) -> torch.Tensor:
-        """Computes the scheduled tokens' KV; returns logits [num_sampling_requests, vocab].
+        """Computes the scheduled tokens' KV; returns logits [num_sampling_rows, vocab]: one row per
+        sampling request, 1 + num_spec for a request checking proposed tokens.
 
         Queued on the device, not waited for: reading the logits is what waits. In a TP group
         rank 0 holds the placeholders' tokens (its engine sampled them) and the other ranks an

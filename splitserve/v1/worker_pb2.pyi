@@ -184,7 +184,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "num_waiting", "num_running", "num_total_blocks", "num_free_blocks", "num_pinned_blocks", "num_prompt_tokens_computed", "num_prefix_hit_tokens", "num_requests_finished", "num_local_prefills", "num_kv_transfers", "num_kv_bytes_transferred")
+    __slots__ = ("worker_id", "role", "num_waiting", "num_running", "num_total_blocks", "num_free_blocks", "num_pinned_blocks", "num_prompt_tokens_computed", "num_prefix_hit_tokens", "num_requests_finished", "num_local_prefills", "num_kv_transfers", "num_kv_bytes_transferred", "num_spec_verifications", "num_spec_draft_tokens", "num_spec_accepted_tokens")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,9 @@ class WorkerStats(_message.Message):
     NUM_LOCAL_PREFILLS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_BYTES_TRANSFERRED_FIELD_NUMBER: _ClassVar[int]
+    NUM_SPEC_VERIFICATIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SPEC_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SPEC_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     num_waiting: int
@@ -211,4 +214,7 @@ class WorkerStats(_message.Message):
     num_local_prefills: int
     num_kv_transfers: int
     num_kv_bytes_transferred: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_pinned_blocks: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., num_prefix_hit_tokens: _Optional[int] = ..., num_requests_finished: _Optional[int] = ..., num_local_prefills: _Optional[int] = ..., num_kv_transfers: _Optional[int] = ..., num_kv_bytes_transferred: _Optional[int] = ...) -> None: ...
+    num_spec_verifications: int
+    num_spec_draft_tokens: int
+    num_spec_accepted_tokens: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_pinned_blocks: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., num_prefix_hit_tokens: _Optional[int] = ..., num_requests_finished: _Optional[int] = ..., num_local_prefills: _Optional[int] = ..., num_kv_transfers: _Optional[int] = ..., num_kv_bytes_transferred: _Optional[int] = ..., num_spec_verifications: _Optional[int] = ..., num_spec_draft_tokens: _Optional[int] = ..., num_spec_accepted_tokens: _Optional[int] = ...) -> None: ...
