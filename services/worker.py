@@ -32,6 +32,11 @@ class WorkerConfig:
     heartbeat_ttl_seconds: float = DEFAULT_REGISTRATION_TTL_SECONDS
     model_name: str = ""
     tp: TPOptions = TPOptions()  # how the ranks run when engine.parallel.tensor_parallel_size > 1
+    accepts_prefill: bool = False  # decode role only: also serve PrefillWorker for other decode workers (mixed role)
+
+    def __post_init__(self) -> None:
+        if self.accepts_prefill and self.role != "decode":
+            raise ValueError("--accept-prefill is for decode workers (a prefill worker prefills already)")
 
 
 def layout_to_proto(layout: KVLayout) -> worker_pb.KVLayout:
@@ -108,6 +113,7 @@ class WorkerRuntime:
         info = WorkerInfo(
             worker_id=config.worker_id, role=config.role, address=config.address, block_size=config.engine.cache.block_size,
             tp_size=tp_size, model=self.layout.model, kv_cache_dtype=self.layout.dtype, quantization=runner.quantization,
+            accepts_prefill=config.accepts_prefill,
         )
         self.presence = WorkerAgent(control_plane, info, self.load, lambda: list(self.engine.block_pool.cached), config.heartbeat_ttl_seconds)
         self.control_plane = control_plane

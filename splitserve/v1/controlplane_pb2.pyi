@@ -19,7 +19,7 @@ KV_EVENT_KIND_REMOVED: KVEventKind
 KV_EVENT_KIND_CLEARED: KVEventKind
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "block_size", "tp_size", "model", "kv_cache_dtype", "quantization")
+    __slots__ = ("worker_id", "role", "address", "block_size", "tp_size", "model", "kv_cache_dtype", "quantization", "accepts_prefill")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class WorkerInfo(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_PREFILL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     address: str
@@ -36,7 +37,8 @@ class WorkerInfo(_message.Message):
     model: str
     kv_cache_dtype: str
     quantization: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., block_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., model: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., quantization: _Optional[str] = ...) -> None: ...
+    accepts_prefill: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., block_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., model: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., accepts_prefill: _Optional[bool] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("num_waiting", "num_running", "num_tokens_in_flight", "num_free_blocks", "num_total_blocks")
