@@ -2,8 +2,8 @@
 
 The checkpoint's own template (trusted: the operator ships it) can be slow to render for
 long conversations, and the rendered text is then tokenized; both ran on the router's event loop,
-where every other request waited for them. Here a checkpoint whose template takes about a
-second and a half to render: a concurrent /v1/models answers in a fraction of that. Real router
+where every other request waited for them. Here a checkpoint whose template takes seconds to
+render: a concurrent /v1/models answers in a fraction of that. Real router
 process; the checkpoint's weights are random, and no worker is needed (the request is answered 503
 once its prompt is built).
 """
@@ -18,8 +18,8 @@ import httpx
 
 from splitserve.testing.cluster import Cluster
 
-# About 20M empty Jinja loop turns (~1.5 s here), then the last message's text.
-SLOW_TEMPLATE = "{% for i in range(20000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}{{ messages[-1]['content'] }}"
+# About 60M empty Jinja loop turns (1.5-4 s on the machines tried), then the last message's text.
+SLOW_TEMPLATE = "{% for i in range(60000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}{{ messages[-1]['content'] }}"
 
 
 def test_a_slow_chat_template_does_not_stall_other_requests(e2e_model_dir, tmp_path):
@@ -54,7 +54,7 @@ def test_a_slow_chat_template_does_not_stall_other_requests(e2e_model_dir, tmp_p
                 latencies.append(time.perf_counter() - start)
                 time.sleep(0.05)
             slow.join()
-        assert rendered_in[0] > 1.0, rendered_in  # the template really was slow
+        assert rendered_in[0] > 0.6, rendered_in  # the template really was slow
         assert latencies and max(latencies) < 0.5 * rendered_in[0], (latencies, rendered_in)
     finally:
         cluster.stop()
