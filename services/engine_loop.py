@@ -150,6 +150,8 @@ class EngineLoop:
                     self._deliver(out)
                 self._hand_over()
                 events = self.engine.block_pool.drain_kv_events()
+                if self.engine.host_tier is not None:
+                    events += [(kind, block_hash, "host") for kind, block_hash in self.engine.host_tier.drain_kv_events()]
                 if events and self.on_kv_events is not None:
                     self._loop.call_soon_threadsafe(self.on_kv_events, events)
                 self._publish_stats()

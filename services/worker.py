@@ -67,11 +67,15 @@ def peer_from_proto(meta: worker_pb.TransferMetadata) -> PeerWorker:
     return PeerWorker(meta.worker_id, layout_from_proto(meta.layout), tuple(ranks or [RankAgent(0, meta.agent_name, meta.agent_metadata)]))
 
 
-def group_kv_events(events: list[tuple[str, bytes]]) -> list[KVEvent]:
-    """One KVEvent per run of the prefix cache's events of one kind, in order. Each is built
-    once: growing one event per block rebuilt and re-checked its hashes, quadratic in the
-    blocks of a step (a tenth of a decode worker's event loop under load on an H100)."""
-    return [KVEvent(kind, tuple(h for _, h in run)) for kind, run in itertools.groupby(events, key=lambda e: e[0])]
+def group_kv_events(events: list[tuple]) -> list[KVEvent]:
+    """One KVEvent per run of the prefix cache's events of one kind and tier, in order: (kind,
+    hash) for the GPU cache, (kind, hash, "host") for the host tier. Each is built once: growing
+    one event per block rebuilt and re-checked its hashes, quadratic in the blocks of a step (a
+    tenth of a decode worker's event loop under load on an H100)."""
+    return [
+        KVEvent(kind, tuple(e[1] for e in run), tier)
+        for (kind, tier), run in itertools.groupby(events, key=lambda e: (e[0], e[2] if len(e) > 2 else "gpu"))
+    ]
 
 
 class WorkerRuntime:
@@ -88,6 +92,9 @@ class WorkerRuntime:
         if engine is None and config.engine.model.device.startswith("cuda"):
             warm_up(self.engine.runner, config.engine.scheduler.max_num_seqs)
         self.engine.block_pool.record_kv_events = True
+        host_tier = self.engine.host_tier
+        if host_tier is not None:
+            host_tier.record_kv_events = True
         self.loop = EngineLoop(self.engine, on_kv_events=self._on_kv_events)
         runner = self.engine.runner
         tp_size = config.engine.parallel.tensor_parallel_size
@@ -102,9 +109,12 @@ class WorkerRuntime:
             runner.on_failure(self._on_rank_failure)
         info = WorkerInfo(
             worker_id=config.worker_id, role=config.role, address=config.address, block_size=config.engine.cache.block_size,
-            tp_size=tp_size, model=self.layout.model,
+            tp_size=tp_size, model=self.layout.model, host_kv_blocks=host_tier.num_blocks if host_tier is not None else 0,
         )
-        self.presence = WorkerAgent(control_plane, info, self.load, lambda: list(self.engine.block_pool.cached), config.heartbeat_ttl_seconds)
+        self.presence = WorkerAgent(
+            control_plane, info, self.load, lambda: list(self.engine.block_pool.cached), config.heartbeat_ttl_seconds,
+            get_host_block_hashes=host_tier.cached_hashes if host_tier is not None else None,
+        )
         self.control_plane = control_plane
         self.vllm_series = metrics.engine_series(model_name)
         self._tasks: set[asyncio.Task] = set()

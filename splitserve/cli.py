@@ -28,6 +28,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=positive_int, default=16)
     p.add_argument("--kv-cache-mb", type=positive_int, default=None, help="KV cache budget (default: 256 on CPU; on CUDA --gpu-memory-utilization of what the weights leave)")
     p.add_argument("--gpu-memory-utilization", type=fraction, default=0.9)
+    p.add_argument("--host-kv-cache-mb", type=positive_int, default=None,
+                   help="host memory (pinned on CUDA) for prefix blocks evicted from the KV cache; they come back as hits (default: none)")
     p.add_argument("--num-blocks", type=positive_int, default=None, help="fixed number of KV blocks (overrides the budget)")
     p.add_argument("--max-num-seqs", type=positive_int, default=64)
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
@@ -343,6 +345,7 @@ def _run_worker(args) -> int:
             gpu_memory_utilization=args.gpu_memory_utilization,
             num_blocks=args.num_blocks,
             enable_prefix_caching=not args.no_prefix_caching,
+            host_kv_cache_bytes=args.host_kv_cache_mb * 1024 * 1024 if args.host_kv_cache_mb else None,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
