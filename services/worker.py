@@ -5,6 +5,7 @@ import asyncio
 import itertools
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from splitserve.config import EngineConfig, TransferConfig
@@ -15,6 +16,7 @@ from splitserve.kvtransfer import KVLayout, KVTransferAgent
 from splitserve.parallel import KVAgentSpec, KVGroup, PeerWorker, RankAgent, TPOptions, make_runner
 from splitserve.services.engine_loop import EngineLoop, EngineStats
 from splitserve.services.metrics import ServiceMetrics
+from splitserve.services.sleep import SleepController
 from splitserve.v1 import worker_pb2 as worker_pb
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,10 @@ class WorkerRuntime:
         self.control_plane = control_plane
         self.vllm_series = metrics.engine_series(model_name)
         self._tasks: set[asyncio.Task] = set()
+        self.sleep_mode = SleepController(self)
+        # Services add what they must do as the worker falls asleep (after the drain) and wakes.
+        self.on_sleep: list[Callable[[], Awaitable[None]]] = []
+        self.on_wake: list[Callable[[], Awaitable[None]]] = []
 
     async def start(self) -> None:
         self._event_loop = asyncio.get_running_loop()
@@ -159,7 +165,20 @@ class WorkerRuntime:
             num_tokens_in_flight=s.num_tokens_in_flight,
             num_free_blocks=s.num_free_blocks,
             num_total_blocks=s.num_total_blocks,
+            sleeping=self.sleep_mode.sleeping,
         )
+
+    def num_pinned(self) -> int:
+        """Finished requests whose KV is held for another worker to read."""
+        return self.loop.stats.num_held
+
+    async def before_sleep(self) -> None:
+        for hook in self.on_sleep:
+            await hook()
+
+    async def after_wake(self) -> None:
+        for hook in self.on_wake:
+            await hook()
 
     def _on_kv_events(self, events: list[tuple[str, bytes]]) -> None:
         self.spawn(self.presence.publish(group_kv_events(events)))

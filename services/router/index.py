@@ -89,6 +89,10 @@ class RouterIndex:
         predicted = self._predicted_matches(block_hashes, worker_ids)
         return {w: max(num_matched.get(w, 0), predicted[w]) for w in num_matched}
 
+    def expire(self) -> None:
+        """The next ``candidates`` reads the store afresh (a worker's state just changed through this router)."""
+        self._refreshed_at = None
+
     async def match_store(self, block_hashes: Sequence[bytes], index_ids: Sequence[str]) -> dict[str, int]:
         """The store's own ``match_prefix`` (no predictions), for index ids other than workers'
         (their host tiers); raises ControlPlaneUnavailable."""

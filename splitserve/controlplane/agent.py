@@ -114,6 +114,11 @@ class WorkerAgent:
                 # vanish from routing a TTL later with nothing in the logs).
                 logger.exception("control plane heartbeat of %s failed", self._info.worker_id)
 
+    async def heartbeat_now(self) -> None:
+        """Sends the load now rather than at the next beat (it changed in a way routers must see soon)."""
+        async with self._lock:
+            await self._beat()
+
     async def _beat(self) -> None:
         if not self._in_sync:
             await self._resync()

@@ -27,6 +27,7 @@ from splitserve.services.router.openai.protocol import (
 from splitserve.services.router.openai.choices import Choice, open_stream, whole
 from splitserve.services.router.openai.prompts import output_budget, prompt_token_ids
 from splitserve.services.router.openai.responses import ChatFormatter, CompletionFormatter, Formatter, sse
+from splitserve.services.router.openai.sleep_routes import SleepRoutes
 from splitserve.services.router.openai.tokens import TokenRoutes
 from splitserve.services.router.openai.translate import chat_request, check_logit_bias, completion_request
 from starlette.exceptions import HTTPException
@@ -225,6 +226,11 @@ def build_app(service: GenerationService, keys: ApiKeys | None, is_serving: Call
     app.add_api_route("/detokenize", tokens.detokenize, methods=["POST"], dependencies=[Depends(routes.authenticate)])
     app.add_api_route("/version", tokens.get_version, methods=["GET"])
     app.add_api_route("/metrics", tokens.metrics, methods=["GET"])
+    sleep = SleepRoutes(service.workers)
+    auth = [Depends(routes.authenticate)]
+    app.add_api_route("/sleep", sleep.sleep, methods=["POST"], dependencies=auth)
+    app.add_api_route("/wake_up", sleep.wake_up, methods=["POST"], dependencies=auth)
+    app.add_api_route("/is_sleeping", sleep.is_sleeping, methods=["GET"], dependencies=auth)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, e: OpenAIError) -> JSONResponse:
