@@ -66,6 +66,8 @@ class SleepController:
             if self.level:
                 raise SleepStateError(f"the worker is already asleep (level {self.level})")
             self.refusing = True
+            # From here every submit is refused: only what is already in the engine's streams drains.
+            runtime.loop.refuse_with = WorkerAsleepError("the worker is asleep")
             await runtime.presence.heartbeat_now()  # routers stop sending before the drain ends
             deadline = time.monotonic() + drain_seconds
             while (runtime.loop.num_in_flight or runtime.num_pinned()) and time.monotonic() < deadline:
@@ -98,6 +100,7 @@ class SleepController:
             await runtime.after_wake()
             self.level = 0
             self.refusing = False
+            runtime.loop.refuse_with = None
             await runtime.presence.heartbeat_now()
         log.info("awake in %.2f s", seconds)
         return SleepOutcome(0, seconds)

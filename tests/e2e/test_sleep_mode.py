@@ -76,11 +76,13 @@ def test_sleep_over_grpc_drains_or_ends_requests_in_flight(cluster, greedy):
 
     # A drain long enough: the stream in flight finishes, token-exact, before the worker sleeps.
     stream = client.stream(PROMPT, max_tokens=120, ignore_eos=True, timeout=120)
-    first = next(stream)
+    tokens = []
+    while len(tokens) < 3:  # the first token comes from the prefill worker; the next ones from decode-0
+        tokens += next(stream).delta.token_ids
     replies = []
     sleeper = threading.Thread(target=lambda: replies.append(decode0.Sleep(worker_pb.SleepRequest(level=2, drain_seconds=60), timeout=120)))
     sleeper.start()
-    tokens = list(first.delta.token_ids) + [t for r in stream for t in r.delta.token_ids]
+    tokens += [t for r in stream for t in r.delta.token_ids]
     sleeper.join(timeout=120)
     assert tokens == greedy(PROMPT, 120)
     assert replies and replies[0].level == 2 and replies[0].num_ended == 0
@@ -163,3 +165,38 @@ def _decodes(client, prompt, max_tokens):
         return client.complete(prompt, max_tokens=max_tokens, ignore_eos=True, timeout=30).token_ids
     except grpc.RpcError:
         return None
+
+
+class _Deployment:
+    """The Deployment's scale subresource as the planner sees it (no Kubernetes here): it counts."""
+
+    def __init__(self, replicas: int) -> None:
+        self.replicas = replicas
+
+    def get_scale(self):
+        from splitserve.planner.kube import Scale
+
+        return Scale(self.replicas, "app=decode")
+
+    def set_replicas(self, replicas: int) -> None:
+        self.replicas = replicas
+
+
+def test_the_planner_sleeps_and_wakes_workers_before_touching_pods(cluster, greedy):
+    from splitserve.planner.sleep import RouterSleepAPI, SleepFirstScaler
+
+    router = RouterSleepAPI(cluster.router.http_url.removesuffix("/v1"))
+    deployment = _Deployment(2)
+    scaler = SleepFirstScaler(deployment, router, "decode", level=1, drain_seconds=5, max_sleeping=1)
+    assert scaler.get_scale().replicas == 2
+    scaler.set_replicas(1)  # one decode worker sleeps; no pod goes
+    assert deployment.replicas == 2 and scaler.get_scale().replicas == 1
+    assert sum(w.is_sleeping for w in router.workers("decode")) == 1
+    scaler.set_replicas(0)  # past max_sleeping: the Deployment shrinks instead
+    assert deployment.replicas == 1 and sum(w.is_sleeping for w in router.workers("decode")) == 1
+    deployment.replicas = 2
+    scaler.set_replicas(3)  # the sleeper wakes first; one pod more for the rest
+    assert deployment.replicas == 3 and not any(w.is_sleeping for w in router.workers("decode"))
+    client = Client(cluster.address)
+    assert wait_until(lambda: _decodes(client, PROMPT, 3) == greedy(PROMPT, 3), timeout=30)
+    client.close()

@@ -55,9 +55,13 @@ class SleepRoutes:
         reply = await self._call(worker, "Wake", worker_pb.WakeRequest())
         return {"worker_id": body.worker_id, "level": reply.level, "seconds": reply.seconds}
 
-    async def is_sleeping(self, worker_id: str) -> dict:
-        worker = await self._worker(worker_id)
-        return {"worker_id": worker_id, "role": worker.info.role, "is_sleeping": worker.load.sleeping}
+    async def is_sleeping(self, worker_id: str | None = None) -> dict:
+        """One worker's state, or (no ``worker_id``) every live worker's, sleeping ones included."""
+        if worker_id is not None:
+            worker = await self._worker(worker_id)
+            return {"worker_id": worker_id, "role": worker.info.role, "is_sleeping": worker.load.sleeping}
+        workers = [w for role in ("prefill", "decode") for w in await self.workers.index.candidates(role)]
+        return {"workers": [{"worker_id": w.info.worker_id, "role": w.info.role, "is_sleeping": w.load.sleeping} for w in workers]}
 
     async def _worker(self, worker_id: str) -> LiveWorker:
         for role in ("prefill", "decode"):
