@@ -33,6 +33,7 @@ class WorkerConfig:
     heartbeat_ttl_seconds: float = 3.0
     model_name: str = ""
     tp: TPOptions = TPOptions()  # how the ranks run when engine.parallel.tensor_parallel_size > 1
+    capture_graphs_at_start: bool = True  # False: each decode graph is captured when first needed
 
 
 def layout_to_proto(layout: KVLayout) -> worker_pb.KVLayout:
@@ -92,7 +93,7 @@ class WorkerRuntime:
         # TP > 1: this process is rank 0 and starts the other ranks, each with an agent of its own.
         self.engine = engine or LLMEngine(config.engine, make_runner(config.engine, KVAgentSpec(agent_name, model_name), config.tp))
         if engine is None and config.engine.model.device.startswith("cuda"):
-            warm_up(self.engine.runner, config.engine.scheduler.max_num_seqs)
+            warm_up(self.engine.runner, config.engine.scheduler.max_num_seqs, config.capture_graphs_at_start)
         self.engine.block_pool.record_kv_events = True
         host_tier = self.engine.host_tier
         if host_tier is not None:

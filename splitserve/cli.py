@@ -28,6 +28,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=positive_int, default=16)
     p.add_argument("--kv-cache-mb", type=positive_int, default=None, help="KV cache budget (default: 256 on CPU; on CUDA --gpu-memory-utilization of what the weights leave)")
     p.add_argument("--gpu-memory-utilization", type=fraction, default=0.9)
+    p.add_argument("--lazy-graphs", action="store_true",
+                   help="on CUDA: capture each decode graph when a batch first needs it, not before serving (starts faster)")
     p.add_argument("--host-kv-cache-mb", type=positive_int, default=None,
                    help="host memory (pinned on CUDA) for prefix blocks evicted from the KV cache; they come back as hits (default: none)")
     p.add_argument("--num-blocks", type=positive_int, default=None, help="fixed number of KV blocks (overrides the budget)")
@@ -364,6 +366,7 @@ def _run_worker(args) -> int:
             peer_backoff_seconds=args.kv_peer_backoff, max_peer_backoff_seconds=max(60.0, args.kv_peer_backoff),
         ),
         control_plane_url=_control_plane_url(args),
+        capture_graphs_at_start=not args.lazy_graphs,
     )
     listen = Listen(args.host, args.port, None if args.metrics_port < 0 else args.metrics_port, args.drain_seconds)
     tls = worker_tls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)
