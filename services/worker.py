@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from splitserve.config import EngineConfig, TransferConfig
 from splitserve.controlplane import ControlPlane, KVEvent, WorkerAgent, WorkerInfo, WorkerLoad
+from splitserve.controlplane.interface import DEFAULT_REGISTRATION_TTL_SECONDS
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.warmup import warm_up
 from splitserve.kvtransfer import KVLayout, KVTransferAgent
@@ -30,7 +31,7 @@ class WorkerConfig:
     engine: EngineConfig
     transfer: TransferConfig = TransferConfig()
     control_plane_url: str = "embedded"
-    heartbeat_ttl_seconds: float = 3.0
+    heartbeat_ttl_seconds: float = DEFAULT_REGISTRATION_TTL_SECONDS
     model_name: str = ""
     tp: TPOptions = TPOptions()  # how the ranks run when engine.parallel.tensor_parallel_size > 1
     capture_graphs_at_start: bool = True  # False: each decode graph is captured when first needed

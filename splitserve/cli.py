@@ -46,6 +46,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
 
 
 def _add_worker(p: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
+    from splitserve.controlplane.interface import DEFAULT_REGISTRATION_TTL_SECONDS
+
     _add_engine(p)
     _add_listen(p, port, metrics_port)
     p.add_argument("--worker-id", default=None, help="stable id of this worker (default: role-host-port)")
@@ -56,6 +58,9 @@ def _add_worker(p: argparse.ArgumentParser, port: int, metrics_port: int) -> Non
     p.add_argument("--transfer-timeout", type=positive_float, default=10.0)
     p.add_argument("--min-kv-gbps", type=non_negative_float, default=0.0,
                    help="decode: refuse a prefill peer whose handshake read is slower than this many GB/s (its requests are prefilled here); 0: only log it")
+    p.add_argument("--registration-ttl", type=positive_float, default=DEFAULT_REGISTRATION_TTL_SECONDS,
+                   help="seconds the control plane keeps this worker without a heartbeat (heartbeats go every second); "
+                        "routers keep the last known workers this long after the store comes back empty")
     p.add_argument("--kv-peer-backoff", type=positive_float, default=5.0,
                    help="decode: seconds a prefill peer is backed off after a failed transfer before one request probes it (doubles per failed probe, up to 60)")
     tls = p.add_argument_group("TLS (docs/security.md)")
@@ -367,6 +372,7 @@ def _run_worker(args) -> int:
         ),
         control_plane_url=_control_plane_url(args),
         capture_graphs_at_start=not args.lazy_graphs,
+        heartbeat_ttl_seconds=args.registration_ttl,
     )
     listen = Listen(args.host, args.port, None if args.metrics_port < 0 else args.metrics_port, args.drain_seconds)
     tls = worker_tls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)

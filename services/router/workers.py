@@ -7,6 +7,7 @@ import time
 import grpc
 
 from splitserve.controlplane import ControlPlane, LiveWorker
+from splitserve.controlplane.interface import DEFAULT_REGISTRATION_TTL_SECONDS
 from splitserve.services.router.decode_streams import DecodeStream
 from splitserve.controlplane.types import ControlPlaneUnavailable
 from splitserve.services.router.host_matches import TierMatches, match_tiers
@@ -36,7 +37,7 @@ class WorkerDirectory:
 
     def __init__(
         self, control_plane: ControlPlane, block_size: int, cooldown_seconds: float = 5.0, security: ChannelSecurity | None = None,
-        registration_ttl_seconds: float = 3.0,
+        registration_ttl_seconds: float = DEFAULT_REGISTRATION_TTL_SECONDS,
     ) -> None:
         """``block_size``: what this router hashes prompts with; workers of another block size are not used.
         ``registration_ttl_seconds``: the workers' (WorkerConfig.heartbeat_ttl_seconds), how long the

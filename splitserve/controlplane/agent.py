@@ -14,7 +14,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from splitserve.controlplane.interface import ControlPlane, check_ttl
+from splitserve.controlplane.interface import DEFAULT_REGISTRATION_TTL_SECONDS, ControlPlane, check_ttl, heartbeat_interval
 from splitserve.controlplane.types import ControlPlaneUnavailable, KVEvent, KVEventKind, KVTier, WorkerInfo, WorkerLoad
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class WorkerAgent:
         info: WorkerInfo,
         get_load: Callable[[], WorkerLoad],
         get_block_hashes: Callable[[], Iterable[bytes]],
-        ttl_seconds: float = 10.0,
+        ttl_seconds: float = DEFAULT_REGISTRATION_TTL_SECONDS,
         get_host_block_hashes: Callable[[], Iterable[bytes]] | None = None,
     ) -> None:
         """``get_load``, ``get_block_hashes`` (every block in the prefix cache) and
@@ -56,11 +56,11 @@ class WorkerAgent:
         return self._in_sync
 
     async def start(self) -> None:
-        """Registers (or keeps trying in the background) and starts heartbeating every ttl/3."""
+        """Registers (or keeps trying in the background) and starts heartbeating (every second, or ttl/3 when shorter)."""
         async with self._lock:
             await self._resync()
         if not self._in_sync:
-            logger.warning("worker %s could not register yet; retrying every %.1fs", self._info.worker_id, self._ttl_seconds / 3)
+            logger.warning("worker %s could not register yet; retrying every %.1fs", self._info.worker_id, heartbeat_interval(self._ttl_seconds))
         self._task = asyncio.create_task(self._heartbeat_loop(), name=f"control-plane-agent-{self._info.worker_id}")
 
     async def publish(self, events: Sequence[KVEvent]) -> None:
@@ -105,7 +105,7 @@ class WorkerAgent:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._ttl_seconds / 3)
+            await asyncio.sleep(heartbeat_interval(self._ttl_seconds))
             try:
                 async with self._lock:
                     await self._beat()

@@ -69,6 +69,18 @@ class ControlPlane(abc.ABC):
         await self.close()
 
 
+# How long a worker's registration lives without a heartbeat. Heartbeats go every second (or
+# every third of a shorter TTL), so ten seconds ride out a worker starved of CPU for several of
+# them (a loaded machine lapsed a 3-second TTL and refused requests with live workers); a crashed
+# worker is still avoided at once, by the router's cooldown after a failed call.
+DEFAULT_REGISTRATION_TTL_SECONDS = 10.0
+HEARTBEAT_INTERVAL_SECONDS = 1.0
+
+
+def heartbeat_interval(ttl_seconds: float) -> float:
+    return min(HEARTBEAT_INTERVAL_SECONDS, ttl_seconds / 3)
+
+
 def check_ttl(ttl_seconds: float) -> None:
     if not ttl_seconds > 0:
         raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds!r}")

@@ -34,7 +34,8 @@ def redis(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def deployment(redis, e2e_model_dir):
-    cluster = Cluster(e2e_model_dir, control_plane=redis.url, worker_args=["--num-blocks", "512"])
+    # A 3-second registration TTL: the dead-worker test waits for a lapse.
+    cluster = Cluster(e2e_model_dir, control_plane=redis.url, worker_args=["--num-blocks", "512", "--registration-ttl", "3"])
     cluster.add_workers(("prefill", "prefill-a"), ("prefill", "prefill-b"), ("decode", "decode-0"))
     round_robin = Service(
         "router", ["--model", str(e2e_model_dir), "--port", "0", "--http-port", "0", "--metrics-port", "-1", "--control-plane", redis.url, "--policy", "round_robin"], cluster.env

@@ -133,6 +133,7 @@ COMBINATIONS = {
     "model-image": {"model": {"source": "image", "image": {"repository": "registry.local/models/llama", "tag": "8b"}}},
     "tls-and-api-keys": {"router": {"tls": {"enabled": True, "secretName": "router-tls"}},
                          "auth": {"apiKeysSecret": "splitserve-keys"}},
+    "worker-keys": {"auth": {"apiKeysSecret": "splitserve-keys", "workerKeysSecret": "splitserve-worker-keys"}},
     "internal-mtls": {"router": {"tls": {"enabled": True, "secretName": "router-tls"}},
                       "internalTLS": {"enabled": True, "secretName": "splitserve-internal-tls", "serverName": "worker.splitserve"}},
     "redis-persistence": {"redis": {"bundled": {"persistence": {"enabled": True, "storageClass": "fast"}}}},
@@ -280,6 +281,22 @@ def test_router_tls_and_api_keys(chart):
                                              "items": [{"key": "keys", "path": "keys"}]}
     # The kubelet's gRPC probe cannot speak TLS.
     assert c["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
+
+
+def test_worker_keys_reach_the_router_and_both_pools_and_no_client_key_does(chart):
+    manifests = render(chart, COMBINATIONS["worker-keys"])
+    for component in ("router", "prefill", "decode"):
+        c = container(manifests, component)
+        assert flags(c)["worker-keys-file"] == "/etc/splitserve/worker-auth/keys", component
+        assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["worker-keys"] == "/etc/splitserve/worker-auth"
+        volumes = {v["name"]: v for v in pod_spec(manifests, component)["volumes"]}
+        assert volumes["worker-keys"]["secret"] == {"secretName": "splitserve-worker-keys", "defaultMode": 0o440,
+                                                    "items": [{"key": "keys", "path": "keys"}]}
+        if component != "router":  # the client keys stay on the router
+            assert "api-keys-file" not in flags(c) and "api-keys" not in volumes
+    for component in ("router", "prefill", "decode"):  # unset: no flag, no volume
+        c = container(render(chart, {}), component)
+        assert "worker-keys-file" not in flags(c)
 
 
 def test_bundled_redis_and_its_password(chart):

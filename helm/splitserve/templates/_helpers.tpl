@@ -261,3 +261,27 @@ so both point at an emptyDir.
 {{- else -}}{{ int $pool.replicas }} replicas
 {{- end -}}
 {{- end -}}
+
+{{/* The worker credential (auth.workerKeysSecret) as a flag, a mount and a volume: router and workers alike. */}}
+{{- define "splitserve.workerKeysArg" -}}
+{{- if .Values.auth.workerKeysSecret }}
+- --worker-keys-file=/etc/splitserve/worker-auth/keys
+{{- end }}
+{{- end -}}
+
+{{- define "splitserve.workerKeysMount" -}}
+{{- if .Values.auth.workerKeysSecret }}
+- {name: worker-keys, mountPath: /etc/splitserve/worker-auth, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{- define "splitserve.workerKeysVolume" -}}
+{{- if .Values.auth.workerKeysSecret }}
+- name: worker-keys
+  secret:
+    secretName: {{ .Values.auth.workerKeysSecret }}
+    defaultMode: 0440
+    items:
+      - {key: {{ .Values.auth.workerKeysSecretKey }}, path: keys}
+{{- end }}
+{{- end -}}

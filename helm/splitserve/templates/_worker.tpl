@@ -83,6 +83,7 @@ spec:
             - --tls-ca=/etc/splitserve/internal-tls/ca.crt
             - --tls-server-name={{ $mtls.serverName }}
             {{- end }}
+            {{- include "splitserve.workerKeysArg" $ | nindent 12 }}
             {{- range $pool.extraArgs }}
             - {{ . | quote }}
             {{- end }}
@@ -131,6 +132,7 @@ spec:
             {{- if $mtls.enabled }}
             - {name: internal-tls, mountPath: /etc/splitserve/internal-tls, readOnly: true}
             {{- end }}
+            {{- include "splitserve.workerKeysMount" $ | nindent 12 }}
             {{- with $pool.extraVolumeMounts }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -139,6 +141,7 @@ spec:
         {{- if $mtls.enabled }}
         {{- include "splitserve.internalTLSVolume" $ | nindent 8 }}
         {{- end }}
+        {{- include "splitserve.workerKeysVolume" $ | nindent 8 }}
         - name: dshm
           emptyDir:
             medium: Memory

@@ -6,6 +6,7 @@ Requests become the GenerateRequest the gRPC API takes and go down the same path
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -128,7 +129,10 @@ class OpenAIRoutes:
         req = self._invalid_counted(lambda: parse(ChatCompletionRequest, body))
         self._check_model(req.model)
         settings = self.service.settings
-        message = self._invalid_counted(lambda: chat_request(req, self.service.tokenizer, settings.limits, settings.trust_request_chat_template))
+        # On a thread: the checkpoint's template renders in Jinja and the text is tokenized, both
+        # costs that grow with the messages; on the event loop they held every other client.
+        build = functools.partial(chat_request, req, self.service.tokenizer, settings.limits, settings.trust_request_chat_template)
+        message = await self._counted(asyncio.to_thread(build))
         self._invalid_counted(lambda: check_logit_bias(message, self.limits.vocab_size))
         num_prompt_tokens = len(message.token_ids.ids)
         requested = req.max_completion_tokens or req.max_tokens
