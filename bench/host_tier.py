@@ -70,7 +70,7 @@ def build_engine(args, model_dir: Path, host: bool) -> LLMEngine:
 def run(engine: LLMEngine, args) -> dict:
     rng = random.Random(args.seed)
     vocab = engine.vocab_size
-    words = lambda n: [rng.randrange(10, vocab) for _ in range(n)]  # noqa: E731
+    words = lambda n: [rng.randrange(10, vocab) for _ in range(n)]
     history = [words(args.system_len) for _ in range(args.conversations)]
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     engine.add_request("warm-up", words(40), params)  # untimed; its counts are taken out below

@@ -16,9 +16,10 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from splitserve.kvtransfer import KVTransferAgent
+
 from splitserve.controlplane import KVEvent
 from splitserve.engine.sleep import LEVELS, EngineSleep
-from splitserve.kvtransfer import KVTransferAgent
 from splitserve.parallel import KVGroup
 
 log = logging.getLogger(__name__)

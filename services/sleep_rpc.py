@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import grpc
-
 from splitserve.services.sleep import SleepOutcome, SleepStateError
+
 from splitserve.v1 import worker_pb2 as worker_pb
 
 

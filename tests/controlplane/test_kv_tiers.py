@@ -5,12 +5,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+from splitserve.services.router.host_matches import match_tiers
+
 from splitserve.controlplane import KVEvent, WorkerAgent, WorkerInfo, WorkerLoad
-from splitserve.controlplane.convert import event_from_pb, event_to_pb, info_from_pb, info_to_pb, load_from_pb, load_to_pb
+from splitserve.controlplane.convert import (
+    event_from_pb,
+    event_to_pb,
+    info_from_pb,
+    info_to_pb,
+    load_from_pb,
+    load_to_pb,
+)
 from splitserve.controlplane.testing import run_async
 from splitserve.controlplane.types import KVTier, host_index_id
 from splitserve.engine.prefix_hash import hash_request_tokens
-from splitserve.services.router.host_matches import match_tiers
 
 BLOCK_SIZE = 16
 

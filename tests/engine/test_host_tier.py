@@ -7,14 +7,20 @@ import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant
+from test_kv_cache_manager import KVCacheManagerMachine
 
-from splitserve.config import CacheConfig, ConfigError, EngineConfig, ModelConfig, SchedulerConfig
+from splitserve.config import (
+    CacheConfig,
+    ConfigError,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+)
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.host_tier import BlockCopy, HostKVTier
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.tiered_kv_cache import TieredKVCacheManager
-from test_kv_cache_manager import KVCacheManagerMachine
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 

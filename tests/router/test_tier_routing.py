@@ -3,13 +3,23 @@ router asks the index about host tiers only of workers that have one."""
 from __future__ import annotations
 
 import pytest
+from splitserve.services.router.routing import (
+    CostWeights,
+    PrefixAwarePolicy,
+    prefill_cost,
+)
+from splitserve.services.router.workers import WorkerDirectory
 
-from splitserve.controlplane import KVEvent, LiveWorker, MemoryControlPlane, WorkerInfo, WorkerLoad
+from splitserve.controlplane import (
+    KVEvent,
+    LiveWorker,
+    MemoryControlPlane,
+    WorkerInfo,
+    WorkerLoad,
+)
 from splitserve.controlplane.testing import run_async
 from splitserve.controlplane.types import KVTier
 from splitserve.engine.prefix_hash import hash_request_tokens
-from splitserve.services.router.routing import CostWeights, PrefixAwarePolicy, prefill_cost
-from splitserve.services.router.workers import WorkerDirectory
 
 BLOCK_SIZE = 16
 

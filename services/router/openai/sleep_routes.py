@@ -7,14 +7,14 @@ back in. The planner and operators use these; they take the router's API key lik
 from __future__ import annotations
 
 import grpc
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
-
-from splitserve.controlplane import LiveWorker
 from splitserve.services.router.openai.protocol import OpenAIError, parse
 from splitserve.services.router.workers import WorkerDirectory
+
+from splitserve.controlplane import LiveWorker
 from splitserve.v1 import worker_pb2 as worker_pb
 from splitserve.v1 import worker_pb2_grpc
-from fastapi import Request
 
 SLEEP_RPC_SECONDS = 600.0  # a level-2 wake reloads the weights: minutes for a large model from a slow disk
 
