@@ -71,7 +71,7 @@ class LLMEngine:
         self.vocab_size = self.runner.arch.vocab_size
         self.eos_token_ids = self.runner.arch.eos_token_ids
         self.block_pool = BlockPool(self.runner.num_blocks, config.cache.enable_prefix_caching)
-        self.host_tier = make_host_tier(config.cache, self.runner)
+        self.host_tier = make_host_tier(config.cache, self.runner, config.parallel.tensor_parallel_size)
         self.kv_cache_manager = (
             KVCacheManager(self.block_pool, self.block_size)
             if self.host_tier is None

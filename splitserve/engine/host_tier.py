@@ -161,13 +161,13 @@ class HostKVTier:
                 kv_cache[c.gpu_block_id].copy_(self.kv[c.slot_id], non_blocking=non_blocking)
 
 
-def make_host_tier(cache: CacheConfig, runner) -> HostKVTier | None:
+def make_host_tier(cache: CacheConfig, runner, tp_size: int = 1) -> HostKVTier | None:
     """The tier ``cache.host_kv_cache_bytes`` asks for, shaped like ``runner``'s KV cache; None if none."""
     if cache.host_kv_cache_bytes is None:
         return None
-    kv_cache = getattr(runner, "kv_cache", None)
-    if kv_cache is None:  # a TP group: each rank's cache lives in its own process
+    if tp_size > 1:  # the other ranks' caches live in their own processes: their copies would be missing
         raise ConfigError("host_kv_cache_bytes needs a tensor parallel size of 1")
+    kv_cache = runner.kv_cache
     if not cache.enable_prefix_caching:
         raise ConfigError("host_kv_cache_bytes needs prefix caching")
     block_bytes = kv_cache[0].numel() * kv_cache.element_size()

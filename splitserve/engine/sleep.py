@@ -33,7 +33,7 @@ class EngineSleep:
 
     def __init__(self, engine) -> None:
         runner = engine.runner
-        if not hasattr(runner, "kv_cache"):
+        if engine.config.parallel.tensor_parallel_size > 1:  # the other ranks' memory is in their own processes
             raise ValueError("sleep mode needs a tensor parallel size of 1")
         self.engine = engine
         self.runner = runner

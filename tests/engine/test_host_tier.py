@@ -178,3 +178,11 @@ class TieredKVCacheManagerMachine(KVCacheManagerMachine):
 
 TestTieredKVCacheManager = TieredKVCacheManagerMachine.TestCase
 TestTieredKVCacheManager.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_a_tensor_parallel_worker_is_refused_a_host_tier(llama_tiny_dir):
+    from splitserve.engine.host_tier import make_host_tier
+
+    engine = make(llama_tiny_dir, host_bytes=None)
+    with pytest.raises(ConfigError, match="tensor parallel size of 1"):
+        make_host_tier(CacheConfig(host_kv_cache_bytes=1 << 20), engine.runner, tp_size=2)
