@@ -14,8 +14,10 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     pydantic-core==2.50.4 annotated-types==0.7.0 typing-inspection==0.4.5 annotated-doc==0.0.7 \
     opentelemetry-api==1.45.2 py-spy httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 \
     aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl idna \
-    openai httpx httpcore anyio sniffio distro jiter h11 certifi
-# (the last two lines: bench serve's HTTP backends, and the openai client of bench/openai_sdk_client.py)
+    openai httpx httpcore anyio sniffio distro jiter h11 certifi \
+    xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
+# (the last three lines: bench serve's HTTP backends, the openai client of bench/openai_sdk_client.py,
+# and grammar-constrained decoding, splitserve/engine/grammar.py)
 wheel=$(ls .whl/nixl_cu13-*.whl)
 # grep -q exits at the first match and unzip then dies of SIGPIPE, which pipefail turns into a
 # failed pipeline: read the listing whole first, then match it.

@@ -27,6 +27,7 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        kv_scale: torch.Tensor | None = None,  # [2] fp32 (K, V) when the cache is fp8 (kernels/kv_quant.py)
     ) -> torch.Tensor: ...
 
 

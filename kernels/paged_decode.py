@@ -2,7 +2,9 @@
 
 GQA-aware: one program per (request, KV head, context split) computes every query
 head of the group against each K/V tile it loads, so K/V are read once per group
-rather than once per query head. The context is cut into ``num_splits`` parts
+rather than once per query head. An fp8 cache (kernels/kv_quant.py) is read as fp8 and
+converted to the queries' dtype for the products; K's scale multiplies the scores and V's the
+output, so the kernel does no per-element rescaling. The context is cut into ``num_splits`` parts
 (flash-decoding) so that a small batch still fills the GPU; a second kernel merges
 the parts' partial softmaxes. ``num_splits`` depends only on the batch shape, never
 on the context lengths, so the launch is the same every step and a CUDA graph can
@@ -17,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from splitserve.kernels.kv_quant import check_kv_scale
+
 NO_WINDOW = 1 << 30  # a sliding window wider than any context
 
 
@@ -29,6 +33,7 @@ def _decode_kernel(
     out_ptr,  # [B, H, D], written when NUM_SPLITS == 1
     part_acc_ptr,  # [B, H, NUM_SPLITS, D] fp32, unnormalised partial outputs
     part_ml_ptr,  # [B, H, NUM_SPLITS, 2] fp32, each split's running max (log2 units) and sum
+    kv_scale_ptr,  # [2] fp32 (K, V), read when KV_FP8
     scale_log2e,
     sliding_window,
     stride_qb,
@@ -48,10 +53,15 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,  # tokens per loop iteration
     NUM_SPLITS: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, no tf32
+    KV_FP8: tl.constexpr,  # the cache holds fp8 values over per-layer K/V scales
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    v_scale = 1.0
+    if KV_FP8:
+        scale_log2e = scale_log2e * tl.load(kv_scale_ptr)
+        v_scale = tl.load(kv_scale_ptr + 1)
     ctx = tl.load(context_lens_ptr + b)
     first = tl.maximum(ctx - sliding_window, 0)
     num_tiles = tl.cdiv(ctx - first, BLOCK_N)
@@ -84,6 +94,9 @@ def _decode_kernel(
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(kv_head + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(kv_head + stride_kvkv + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -99,6 +112,7 @@ def _decode_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+    acc = acc * v_scale
     o_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty context (a padding row) gives zeros
@@ -173,6 +187,7 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,  # [B, H, D]
+    kv_scale: torch.Tensor | None = None,  # [2] fp32: an fp8 cache's K and V scales
 ) -> torch.Tensor:
     """Attention of each request's one new query over its first ``context_lens[b]`` cached tokens. Returns [B, H, D]."""
     batch, num_heads, head_dim = q.shape
@@ -182,7 +197,8 @@ def paged_decode_attention(
         raise ValueError("q's head_dim must be contiguous")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
-    if q.dtype != kv_layer.dtype:
+    check_kv_scale(kv_layer, kv_scale)
+    if q.dtype != kv_layer.dtype and kv_scale is None:
         raise ValueError(f"q is {q.dtype} but the KV cache is {kv_layer.dtype}")
     if block_table.dtype != torch.int32 or context_lens.dtype != torch.int32:
         raise ValueError("block_table and context_lens must be int32")
@@ -205,14 +221,14 @@ def paged_decode_attention(
     ieee = q.dtype == torch.float32
     block_n = 32 if ieee or head_dim > 128 else 64
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, kv_layer, block_table, context_lens, out, part_acc, part_ml,
+        q, kv_layer, block_table, context_lens, out, part_acc, part_ml, kv_scale if kv_scale is not None else context_lens,
         scale * 1.4426950408889634, sliding_window or NO_WINDOW,
         q.stride(0), q.stride(1),
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         block_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, IEEE=ieee,
-        num_warps=4, num_stages=2,
+        KV_FP8=kv_scale is not None, num_warps=4, num_stages=2,
     )  # fmt: skip
     if num_splits > 1:
         _merge_kernel[(batch, num_heads)](

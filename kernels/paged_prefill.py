@@ -4,7 +4,8 @@ Each request's new tokens attend to everything before them in its cache (a prefi
 hit, earlier chunks of its prompt, KV pulled from another worker) and causally to one
 another; the step's K/V are written to the cache first. One program per (query tile,
 query head): a tile is up to PREFILL_BLOCK_M consecutive query rows of one request
-(``with_device_tensors`` cuts the tiles), so the batch is ragged without padding.
+(``with_device_tensors`` cuts the tiles), so the batch is ragged without padding. An fp8
+cache is read as in paged_decode.py: K's scale folded into the scores, V's into the output.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import triton
 import triton.language as tl
 
 from splitserve.kernels.attention_metadata import PREFILL_BLOCK_M, AttentionMetadata
+from splitserve.kernels.kv_quant import check_kv_scale
 from splitserve.kernels.paged_decode import NO_WINDOW, _check_kv_layer
 
 
@@ -26,6 +28,7 @@ def _prefill_kernel(
     context_lens_ptr,  # [R] int32
     tile_request_ptr,  # [num_tiles] int32
     tile_start_ptr,  # [num_tiles] int32
+    kv_scale_ptr,  # [2] fp32 (K, V), read when KV_FP8
     scale_log2e,
     sliding_window,
     stride_qt,
@@ -44,9 +47,14 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
+    v_scale = 1.0
+    if KV_FP8:
+        scale_log2e = scale_log2e * tl.load(kv_scale_ptr)
+        v_scale = tl.load(kv_scale_ptr + 1)
     r = tl.load(tile_request_ptr + tile)
     m0 = tl.load(tile_start_ptr + tile)
     q_lo = tl.load(query_start_ptr + r)
@@ -85,6 +93,9 @@ def _prefill_kernel(
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(kv_head + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(kv_head + stride_kvkv + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -103,7 +114,7 @@ def _prefill_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
         out_ptr + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -118,6 +129,7 @@ def paged_prefill_attention(
     scale: float,
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,  # [T, H, D]
+    kv_scale: torch.Tensor | None = None,  # [2] fp32: an fp8 cache's K and V scales
 ) -> torch.Tensor:
     """Causal attention of every query row over its request's cached tokens. Returns [T, H, D]."""
     num_tokens, num_heads, head_dim = q.shape
@@ -127,7 +139,8 @@ def paged_prefill_attention(
         raise ValueError("q's head_dim must be contiguous")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
-    if q.dtype != kv_layer.dtype:
+    check_kv_scale(kv_layer, kv_scale)
+    if q.dtype != kv_layer.dtype and kv_scale is None:
         raise ValueError(f"q is {q.dtype} but the KV cache is {kv_layer.dtype}")
     tensors = (meta.block_table_tensor, meta.query_start_loc_tensor, meta.context_lens_tensor, meta.tile_request, meta.tile_start)
     if any(t is None or t.dtype != torch.int32 for t in tensors):
@@ -145,12 +158,12 @@ def paged_prefill_attention(
     block_d = triton.next_power_of_2(head_dim)
     _prefill_kernel[(num_tiles, num_heads)](
         q, kv_layer, out, meta.block_table_tensor, meta.query_start_loc_tensor, meta.context_lens_tensor,
-        meta.tile_request, meta.tile_start, scale * 1.4426950408889634, sliding_window or NO_WINDOW,
+        meta.tile_request, meta.tile_start, kv_scale if kv_scale is not None else meta.tile_start, scale * 1.4426950408889634, sliding_window or NO_WINDOW,
         q.stride(0), q.stride(1),
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         meta.block_table_tensor.stride(0), out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=32 if ieee or block_d > 128 else 64,
-        IEEE=ieee, num_warps=4, num_stages=2 if ieee else 3,
+        IEEE=ieee, KV_FP8=kv_scale is not None, num_warps=4, num_stages=2 if ieee else 3,
     )  # fmt: skip
     return out

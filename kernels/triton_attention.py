@@ -28,12 +28,14 @@ class TritonAttention:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        kv_scale: torch.Tensor | None = None,  # [2] fp32 (K, V): the cache is fp8 (kernels/kv_quant.py)
     ) -> torch.Tensor:
-        write_kv_cache(k, v, kv_layer, meta.slot_block, meta.slot_offset)
+        write_kv_cache(k, v, kv_layer, meta.slot_block, meta.slot_offset, kv_scale)
         # Every request has at least one query row, so T == num_requests means one each.
         if q.shape[0] == meta.num_requests:
             num_splits = default_num_splits(meta.num_requests, kv_layer.shape[1])
             return paged_decode_attention(
-                q, kv_layer, meta.block_table_tensor, meta.context_lens_tensor, scale, sliding_window, num_splits
+                q, kv_layer, meta.block_table_tensor, meta.context_lens_tensor, scale, sliding_window, num_splits,
+                kv_scale=kv_scale,
             )
-        return paged_prefill_attention(q, kv_layer, meta, scale, sliding_window)
+        return paged_prefill_attention(q, kv_layer, meta, scale, sliding_window, kv_scale=kv_scale)

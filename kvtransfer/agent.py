@@ -74,7 +74,8 @@ class KVTransferAgent:
         if layout.layout != BLOCK_MAJOR:
             raise ValueError(f"only the {BLOCK_MAJOR!r} layout can be registered, got {layout.layout!r}")
         if KVLayout.from_kv_cache(kv_cache, model=layout.model, tp_size=layout.tp_size,
-                                  tp_rank=layout.tp_rank, total_num_kv_heads=layout.total_num_kv_heads) != layout:
+                                  tp_rank=layout.tp_rank, total_num_kv_heads=layout.total_num_kv_heads,
+                                  kv_scales=layout.kv_scales) != layout:
             raise ValueError(f"kv_cache of shape {tuple(kv_cache.shape)} does not match {layout}")
         if not kv_cache.is_contiguous():
             raise ValueError("kv_cache must be contiguous to be registered as one region")

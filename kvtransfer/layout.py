@@ -43,6 +43,9 @@ class KVLayout:
     tp_rank: int = 0
     layout: str = BLOCK_MAJOR
     total_num_kv_heads: int = 0  # the model's, over all ranks; 0: num_kv_heads * tp_size (none replicated)
+    # An fp8 cache's K/V scales, as a digest (engine/kv_scales.py); "" when the cache has none.
+    # Blocks written under other scales would be misread, so peers must agree on it too.
+    kv_scales: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPE_SIZES:
@@ -84,7 +87,7 @@ class KVLayout:
     @classmethod
     def from_kv_cache(
         cls, kv_cache: torch.Tensor, *, model: str, tp_size: int = 1, tp_rank: int = 0,
-        total_num_kv_heads: int = 0,
+        total_num_kv_heads: int = 0, kv_scales: str = "",
     ) -> KVLayout:
         """Reads the layout off a cache of shape
         [num_blocks, num_kv_heads, num_layers, 2, block_size, head_dim]; ``total_num_kv_heads``
@@ -107,6 +110,7 @@ class KVLayout:
             tp_size=tp_size,
             tp_rank=tp_rank,
             total_num_kv_heads=total_num_kv_heads,
+            kv_scales=kv_scales,
         )
 
     def check_compatible(self, peer: KVLayout, peer_name: str = "peer") -> None:

@@ -1,6 +1,8 @@
 """Proto messages <-> engine objects. Proto types stop here and never reach the engine."""
 from __future__ import annotations
 
+from splitserve.engine.constraint import Constraint, ConstraintKind
+from splitserve.engine.errors import InvalidRequestError
 from splitserve.engine.request import FinishReason, TokenLogprob
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.v1 import generation_pb2 as gen_pb
@@ -28,8 +30,24 @@ def sampling_params_from_proto(msg: worker_pb.EngineRequest) -> SamplingParams:
         top_logprobs=msg.top_logprobs,
         logit_bias=tuple(msg.sampling.logit_bias.items()),
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+        constraint=constraint_from_proto(msg.sampling.constraint) if msg.sampling.HasField("constraint") else None,
         **sampling,
     )
+
+
+def constraint_from_proto(msg: gen_pb.Constraint) -> Constraint:
+    """Raises InvalidRequestError naming the field when the constraint is malformed (not when it fails to compile)."""
+    which = msg.WhichOneof("kind")
+    if which is None:
+        raise InvalidRequestError("sampling.constraint", "set one of json_schema, json_object, regex, choice, grammar")
+    any_whitespace = not msg.disable_any_whitespace
+    if which == "json_object":
+        if not msg.json_object:
+            raise InvalidRequestError("constraint.json_object", "must be true when set")
+        return Constraint.json_object(any_whitespace)
+    if which == "choice":
+        return Constraint(ConstraintKind.CHOICE, choices=tuple(msg.choice.choices))
+    return Constraint(ConstraintKind(which), getattr(msg, which), any_whitespace=any_whitespace)
 
 
 def token_logprob_to_proto(token_id: int, logprob: TokenLogprob | None) -> gen_pb.TokenLogprob:

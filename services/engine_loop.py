@@ -115,6 +115,12 @@ class EngineLoop:
         self._post(("add", request_id, prompt_token_ids, params, remote_kv, first_token, hold_kv))
         return stream
 
+    async def compile_constraint(self, params: SamplingParams) -> None:
+        """Compiles a constrained request's grammar on a thread, before ``submit`` (which would
+        otherwise compile it on the event loop); raises InvalidRequestError."""
+        if params.constraint is not None:
+            await asyncio.to_thread(self.engine.compile_constraint, params)
+
     def abort(self, request_id: str) -> None:
         """Ends the request and frees its blocks, wherever it is (held blocks included)."""
         self._streams.pop(request_id, None)

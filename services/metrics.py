@@ -105,6 +105,9 @@ class EngineSeries:
         self.preemptions = counter("vllm:num_preemptions", "Running requests preempted for KV blocks")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens processed (prefix-cache hits included)")
         self.generation_tokens = counter("vllm:generation_tokens", "Tokens sampled by this worker")
+        self.spec_drafts = counter("vllm:spec_decode_num_drafts", "Request-steps that checked proposed tokens (speculative decoding)")
+        self.spec_draft_tokens = counter("vllm:spec_decode_num_draft_tokens", "Tokens proposed (speculative decoding)")
+        self.spec_accepted_tokens = counter("vllm:spec_decode_num_accepted_tokens", "Proposed tokens accepted (speculative decoding)")
         self.queue_time = histogram("vllm:request_queue_time_seconds", "Time from arrival at the worker to first scheduled")
         self.prefill_time = histogram("vllm:request_prefill_time_seconds", "Time from first scheduled to the first token")
         self.decode_time = histogram("vllm:request_decode_time_seconds", "Time from the first token to the last")
@@ -121,6 +124,11 @@ class EngineSeries:
         hits = stats.num_prefix_hit_tokens - last.num_prefix_hit_tokens
         self.prompt_tokens.inc(stats.num_prompt_tokens_computed - last.num_prompt_tokens_computed + hits)
         self.generation_tokens.inc(stats.num_generation_tokens - last.num_generation_tokens)
+        if stats.spec is not None:  # acceptance rate: accepted / draft tokens; mean accepted length: 1 + accepted / drafts
+            before = last.spec
+            self.spec_drafts.inc(stats.spec.num_verifications - (before.num_verifications if before else 0))
+            self.spec_draft_tokens.inc(stats.spec.num_draft_tokens - (before.num_draft_tokens if before else 0))
+            self.spec_accepted_tokens.inc(stats.spec.num_accepted_tokens - (before.num_accepted_tokens if before else 0))
         for t in request_times:
             self.queue_time.observe(t.queue_seconds)
             self.prefill_time.observe(t.prefill_seconds)

@@ -48,6 +48,7 @@ def layout_to_proto(layout: KVLayout) -> worker_pb.KVLayout:
         tp_size=layout.tp_size,
         layout=layout.layout,
         total_num_kv_heads=layout.total_num_kv_heads,
+        kv_scales=layout.kv_scales,
     )
 
 
@@ -62,6 +63,7 @@ def layout_from_proto(msg: worker_pb.KVLayout) -> KVLayout:
         tp_size=msg.tp_size,
         layout=msg.layout,
         total_num_kv_heads=msg.total_num_kv_heads,
+        kv_scales=msg.kv_scales,
     )
 
 
@@ -102,7 +104,9 @@ class WorkerRuntime:
         self.loop = EngineLoop(self.engine, on_kv_events=self._on_kv_events)
         runner = self.engine.runner
         tp_size = config.engine.parallel.tensor_parallel_size
-        self.layout = KVLayout.from_kv_cache(runner.kv_cache, model=model_name, tp_size=tp_size, total_num_kv_heads=runner.arch.num_kv_heads)
+        self.layout = KVLayout.from_kv_cache(
+            runner.kv_cache, model=model_name, tp_size=tp_size, total_num_kv_heads=runner.arch.num_kv_heads, kv_scales=runner.kv_scales_id
+        )
         self.agent = KVTransferAgent(agent_name, runner.kv_cache, self.layout)
         ranks = getattr(runner, "ranks", [])
         self.kv = KVGroup(self.agent, ranks, [RankAgent(i.rank, i.agent_name, i.agent_metadata) for i in getattr(runner, "infos", [])])
@@ -113,7 +117,8 @@ class WorkerRuntime:
             runner.on_failure(self._on_rank_failure)
         info = WorkerInfo(
             worker_id=config.worker_id, role=config.role, address=config.address, block_size=config.engine.cache.block_size,
-            tp_size=tp_size, model=self.layout.model, host_kv_blocks=host_tier.num_blocks if host_tier is not None else 0,
+            tp_size=tp_size, model=self.layout.model, kv_cache_dtype=self.layout.dtype, quantization=runner.quantization,
+            host_kv_blocks=host_tier.num_blocks if host_tier is not None else 0,
         )
         self.presence = WorkerAgent(
             control_plane, info, self.load, lambda: list(self.engine.block_pool.cached), config.heartbeat_ttl_seconds,
@@ -215,6 +220,7 @@ class WorkerRuntime:
             num_prompt_tokens_computed=s.num_prompt_tokens_computed,
             num_prefix_hit_tokens=s.num_prefix_hit_tokens,
             num_requests_finished=self.loop.num_finished,
+            **_spec_fields(s),
             **(extra or {}),
         )
 
@@ -224,3 +230,13 @@ class WorkerRuntime:
             agent_name=self.agent.name, agent_metadata=ranks[0].agent_metadata, layout=layout_to_proto(self.layout),
             worker_id=self.config.worker_id, ranks=ranks,
         )
+
+
+def _spec_fields(s: EngineStats) -> dict:
+    if s.spec is None:
+        return {}
+    return dict(
+        num_spec_verifications=s.spec.num_verifications,
+        num_spec_draft_tokens=s.spec.num_draft_tokens,
+        num_spec_accepted_tokens=s.spec.num_accepted_tokens,
+    )

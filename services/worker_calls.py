@@ -63,10 +63,23 @@ def submit(runtime: WorkerRuntime, submit_call):
         raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(e)) from None
 
 
-async def accept(engine_request: worker_pb.EngineRequest, context) -> tuple[str, list[int], SamplingParams]:
-    """``parse`` for a unary call: a bad request aborts it with INVALID_ARGUMENT."""
+async def compile_constraint(runtime: WorkerRuntime, params: SamplingParams) -> None:
+    """Compiles a constrained request's grammar off the event loop; raises RequestFailed (INVALID_ARGUMENT)."""
     try:
-        return parse(engine_request)
+        await runtime.loop.compile_constraint(params)
+    except InvalidRequestError as e:
+        runtime.metrics.error("invalid_argument")
+        raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+
+
+async def accept(engine_request: worker_pb.EngineRequest, context, runtime: WorkerRuntime | None = None) -> tuple[str, list[int], SamplingParams]:
+    """``parse`` (and, given ``runtime``, ``compile_constraint``) for a unary call: a bad
+    request aborts it with INVALID_ARGUMENT."""
+    try:
+        request_id, prompt, params = parse(engine_request)
+        if runtime is not None:
+            await compile_constraint(runtime, params)
+        return request_id, prompt, params
     except RequestFailed as e:
         await context.abort(e.code, e.message)
 

@@ -26,6 +26,12 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: the checkpoint's)")
     p.add_argument("--block-size", type=positive_int, default=16)
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="fp8: an e4m3 KV cache (half the bytes per block) with per-layer K/V scales from the checkpoint, else measured at start; "
+                        "prefill and decode pools must agree")
+    p.add_argument("--quantization", choices=("fp8", "none"), default=None,
+                   help="fp8: linear weights quantized to e4m3 at load (per-channel scales, per-token activations); none: keep --dtype; "
+                        "default: the checkpoint's (an FP8 checkpoint stays FP8)")
     p.add_argument("--kv-cache-mb", type=positive_int, default=None, help="KV cache budget (default: 256 on CPU; on CUDA --gpu-memory-utilization of what the weights leave)")
     p.add_argument("--gpu-memory-utilization", type=fraction, default=0.9)
     p.add_argument("--lazy-graphs", action="store_true",
@@ -41,6 +47,10 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto",
                    help="schedule step N+1 while the GPU runs step N; auto: on, on a GPU")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--speculative", choices=("off", "ngram", "draft"), default="off",
+                   help="speculative decoding: ngram (prompt lookup) or draft (--draft-model); decode steps then run synchronously")
+    p.add_argument("--num-speculative-tokens", type=positive_int, default=3, help="tokens proposed per request and step (K)")
+    p.add_argument("--draft-model", type=Path, default=None, help="with --speculative draft: a checkpoint with the target's vocabulary")
     p.add_argument("--tp-size", type=positive_int, default=1,
                    help="tensor-parallel size: one process per rank, on --device and the next GPUs (gloo on CPU); the KV pool of any TP size can exchange KV with this one")
 
@@ -152,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with both workers on one GPU: the prefill worker's share of the KV memory (it holds prompts only until decode reads them)")
     up.add_argument("--gpu-memory-utilization", type=fraction, default=0.9, help="on a GPU: the share of free memory the workers' KV caches take together")
     up.add_argument("--max-num-seqs", type=positive_int, default=None, help="each worker's running batch limit (default: the workers')")
+    up.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default=None, help="both workers' KV cache dtype (default: the workers')")
+    up.add_argument("--quantization", choices=("fp8", "none"), default=None, help="both workers' weight quantization (default: the checkpoint's)")
     up.add_argument("--max-num-batched-tokens", type=positive_int, default=None, help="each worker's token budget per step (default: the workers')")
     up.add_argument("--prefill-threshold", type=non_negative_int, default=0, help="prompts shorter than this skip the prefill worker")
     up.add_argument("--http-port", type=port_or_off, default=8000, help="OpenAI-compatible HTTP API port (0: any free port, -1: off)")
@@ -344,14 +356,20 @@ def _run_worker(args) -> int:
     except ConfigError as e:
         print(f"error: --tp-size: {e}", file=sys.stderr)
         return 2
+    try:
+        speculative = speculative_config(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     engine = EngineConfig(
-        model=ModelConfig(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len),
+        model=ModelConfig(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, quantization=args.quantization),
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_bytes=_kv_cache_bytes(args),
             gpu_memory_utilization=args.gpu_memory_utilization,
             num_blocks=args.num_blocks,
             enable_prefix_caching=not args.no_prefix_caching,
+            kv_cache_dtype=args.kv_cache_dtype,
             host_kv_cache_bytes=args.host_kv_cache_mb * 1024 * 1024 if args.host_kv_cache_mb else None,
         ),
         scheduler=SchedulerConfig(
@@ -359,6 +377,7 @@ def _run_worker(args) -> int:
             async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         ),
         parallel=parallel,
+        speculative=speculative,
     )
     worker_id = args.worker_id or f"{args.command}-{args.host}-{args.port}"
     config = WorkerConfig(
@@ -381,6 +400,18 @@ def _run_worker(args) -> int:
     except RankFailedError as e:  # the worker took itself down: health, registration and requests are settled
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def speculative_config(args):
+    from splitserve.config import ConfigError, SpeculativeConfig
+
+    if args.speculative == "off":
+        if args.draft_model is not None:
+            raise ConfigError("--draft-model needs --speculative draft")
+        return SpeculativeConfig()
+    if args.draft_model is not None and not (args.draft_model / "config.json").is_file():
+        raise ConfigError(f"--draft-model {args.draft_model}: no config.json there")
+    return SpeculativeConfig(method=args.speculative, num_speculative_tokens=args.num_speculative_tokens, draft_model=args.draft_model)
 
 
 def _kv_cache_bytes(args) -> int | None:

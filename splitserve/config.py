@@ -22,6 +22,10 @@ DTYPES = {
 }
 
 
+QUANTIZATIONS = (None, "none", "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model dtype; fp8: float8 e4m3 with per-layer K/V scales
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field."""
 
@@ -48,9 +52,15 @@ class ModelConfig:
     dtype: torch.dtype | None = None  # None: the checkpoint's torch_dtype
     device: str = "cpu"
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    # "fp8": linear layers' weights in float8 e4m3 with per-channel scales (quantized at load, or
+    # as an FP8 checkpoint stores them); "none": the model dtype. None: the checkpoint's own
+    # (fp8 when its quantization_config says so).
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {QUANTIZATIONS[1:]}, got {self.quantization!r}")
         if self.dtype is not None:
             object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         if self.max_model_len is not None:
@@ -79,11 +89,14 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # Bytes of host memory (pinned on CUDA) for prefix blocks the GPU pool evicts; None: no host tier.
     host_kv_cache_bytes: int | None = None
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
         if self.host_kv_cache_bytes is not None:
             _positive("host_kv_cache_bytes", self.host_kv_cache_bytes)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.kv_cache_bytes is not None:
             _positive("kv_cache_bytes", self.kv_cache_bytes)
         if self.num_blocks is not None:
@@ -151,9 +164,44 @@ class TransferConfig:
             raise ConfigError("min_peer_gbps must be >= 0 and the peer backoffs positive")
 
 
+SPECULATIVE_METHODS = ("ngram", "draft")
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: who proposes tokens and how many the target checks per step.
+
+    ``method`` None: off. "ngram": prompt lookup, no model. "draft": a smaller checkpoint
+    with the same vocabulary (``draft_model``), with a paged KV cache of its own.
+    """
+
+    method: str | None = None
+    num_speculative_tokens: int = 3
+    draft_model: Path | None = None
+    ngram_max: int = 4  # the longest suffix n-gram looked up in the context
+    ngram_min: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"speculative: method must be one of {SPECULATIVE_METHODS}, got {self.method!r}")
+        if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(f"num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], got {self.num_speculative_tokens!r}")
+        if self.draft_model is not None:
+            object.__setattr__(self, "draft_model", Path(self.draft_model))
+        if self.method == "draft" and self.draft_model is None:
+            raise ConfigError("speculative: method 'draft' needs a draft model directory (--draft-model)")
+        if self.method != "draft" and self.draft_model is not None:
+            raise ConfigError("speculative: a draft model is only used with method 'draft'")
+        _positive("ngram_min", self.ngram_min)
+        if self.ngram_max < self.ngram_min:
+            raise ConfigError(f"ngram_max ({self.ngram_max}) must be >= ngram_min ({self.ngram_min})")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     parallel: ParallelConfig = ParallelConfig()
+    speculative: SpeculativeConfig = SpeculativeConfig()

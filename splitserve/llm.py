@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from splitserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, default_kv_cache_bytes
+from splitserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig, default_kv_cache_bytes
 from splitserve.engine.engine import LLMEngine
 from splitserve.engine.request import FinishReason, TokenLogprob
 from splitserve.engine.sampling_params import SamplingParams
@@ -35,21 +35,27 @@ class LLM:
         cache: CacheConfig | None = None,
         scheduler: SchedulerConfig = SchedulerConfig(),
         max_model_len: int | None = None,
+        quantization: str | None = None,
+        speculative: SpeculativeConfig = SpeculativeConfig(),
     ) -> None:
-        self.engine = LLMEngine(self.engine_config(model_dir, device, dtype, cache, scheduler, max_model_len))
+        """``quantization``: "fp8" for fp8 linear weights, "none" to keep ``dtype``, None: the checkpoint's.
+        An fp8 KV cache is ``cache=CacheConfig(kv_cache_dtype="fp8", ...)``. ``speculative``: see
+        docs/speculative_decoding.md."""
+        config = self.engine_config(model_dir, device, dtype, cache, scheduler, max_model_len, quantization)
+        self.engine = LLMEngine(replace(config, speculative=speculative))
         self.tokenizer = load_tokenizer(model_dir)
         self._ids = itertools.count()
 
     @staticmethod
     def engine_config(
         model_dir: str | Path, device: str = "cpu", dtype: str | None = None, cache: CacheConfig | None = None,
-        scheduler: SchedulerConfig = SchedulerConfig(), max_model_len: int | None = None,
+        scheduler: SchedulerConfig = SchedulerConfig(), max_model_len: int | None = None, quantization: str | None = None,
     ) -> EngineConfig:
         """The engine's config. ``cache`` None: the workers' default for the device, so on CUDA the
         KV cache takes ``gpu_memory_utilization`` (0.9) of the memory the weights leave free; pass
         ``CacheConfig(kv_cache_bytes=None, gpu_memory_utilization=0.5)`` for another share, or
         ``CacheConfig(kv_cache_bytes=N)`` for a fixed budget."""
-        model = ModelConfig(Path(model_dir), dtype=dtype, device=device, max_model_len=max_model_len)
+        model = ModelConfig(Path(model_dir), dtype=dtype, device=device, max_model_len=max_model_len, quantization=quantization)
         cache = cache if cache is not None else CacheConfig(kv_cache_bytes=default_kv_cache_bytes(device))
         return EngineConfig(model=model, cache=cache, scheduler=scheduler)
 

@@ -129,7 +129,8 @@ def _security_args(args, worker_keys: Path) -> tuple[list[str], list[str], str]:
 
 def _engine_args(args) -> list[str]:
     """The engine flags given to up, passed on to every worker."""
-    given = [("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens", args.max_num_batched_tokens)]
+    given = [("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens", args.max_num_batched_tokens),
+             ("--kv-cache-dtype", args.kv_cache_dtype), ("--quantization", args.quantization)]
     return [str(x) for flag, value in given if value is not None for x in (flag, value)]
 
 

@@ -18,7 +18,7 @@ from splitserve.services.peers import ListedPeers
 from splitserve.services.security import ChannelSecurity, dial
 from splitserve.services.sleep_rpc import SleepRPCs
 from splitserve.services.worker import WorkerRuntime, peer_from_proto
-from splitserve.services.worker_calls import RequestFailed, parse, submit
+from splitserve.services.worker_calls import RequestFailed, compile_constraint, parse, submit
 from splitserve.v1 import worker_pb2 as worker_pb
 from splitserve.v1 import worker_pb2_grpc
 
@@ -64,6 +64,7 @@ class DecodeService(SleepRPCs, worker_pb2_grpc.DecodeWorkerServicer):
         ``still_wanted()`` says whether the router still wants it after the handshake wait.
         """
         request_id, prompt, params = parse(request.request)
+        await compile_constraint(self.runtime, params)  # off the event loop; the submit below finds it compiled
         kv = request.kv if request.HasField("kv") else None
         if kv is not None and not await self.peers.listed(kv.worker_id, kv.address):
             # Not a prefill worker of the registry at that address: neither read from nor released there.

@@ -32,7 +32,7 @@ class PrefillService(SleepRPCs, worker_pb2_grpc.PrefillWorkerServicer):
         self.runtime.spawn(self._watch_notifications())
 
     async def Prefill(self, request: worker_pb.PrefillRequest, context) -> worker_pb.PrefillResponse:
-        request_id, prompt, params = await accept(request.request, context)
+        request_id, prompt, params = await accept(request.request, context, self.runtime)
         # Only the first token is sampled here; the decode worker samples the rest.
         first_params = dataclasses.replace(params, max_tokens=1)
         loop = self.runtime.loop

@@ -12,7 +12,9 @@ import grpc
 from prometheus_client import Counter
 from transformers import PreTrainedTokenizerBase
 
+from splitserve.engine.constraint import Constraint
 from splitserve.engine.errors import InvalidRequestError
+from splitserve.engine.grammar import GrammarCompiler
 from splitserve.engine.prefix_hash import hash_request_tokens
 from splitserve.logs import request_id_var
 from splitserve.services.metrics import ServiceMetrics
@@ -83,14 +85,41 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.series = metrics.frontend_series(settings.model_name)
         self._ttft, self._itl = self.series.ttft, self.series.itl  # observed per token
         self.num_inflight = 0
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = asyncio.Lock()
         self._merged_steps = Counter(
             "splitserve_router_merged_steps", "Engine steps of a request sent to its client in one message with an earlier "
             "step, because the client (or the router) fell behind", ["role"], registry=metrics.registry,
         ).labels("router")
 
+    async def check_constraint(self, constraint: Constraint) -> None:
+        """Compiles ``constraint`` on a thread (the workers find the same grammar valid); raises
+        InvalidRequestError naming it. The compiler is built on first use and keeps a cache."""
+        if self._grammars is None:
+            async with self._grammars_lock:
+                if self._grammars is None:
+                    limits = self.settings.limits
+                    self._grammars = await asyncio.to_thread(GrammarCompiler, self.tokenizer, limits.vocab_size, self.settings.eos_token_ids)
+        await asyncio.to_thread(self._grammars.compile, constraint)
+
+    async def pool_dtypes(self) -> dict[str, dict[str, str]]:
+        """{"kv_cache_dtype": {role: dtype}, "quantization": {role: method}} over the live workers of each
+        pool; a pool whose workers differ lists every value, comma-separated; a pool with none is left out."""
+        out: dict[str, dict[str, str]] = {"kv_cache_dtype": {}, "quantization": {}}
+        for role in ("prefill", "decode"):
+            workers = await self.workers.live(role)
+            for key, per_role in out.items():
+                values = sorted({getattr(w.info, key) for w in workers if getattr(w.info, key)})
+                if values:
+                    per_role[role] = ",".join(values)
+        return out
+
     async def GetModelInfo(self, request, context) -> gen_pb.ModelInfo:
         s = self.settings
+        dtypes = await self.pool_dtypes()
         return gen_pb.ModelInfo(
+            kv_cache_dtype=dtypes["kv_cache_dtype"],
+            quantization=dtypes["quantization"],
             model=s.model_name,
             architecture=s.architecture,
             max_model_len=s.limits.max_model_len,
@@ -120,7 +149,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             raise GenerateError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.num_inflight} requests in flight; try again later")
         self.num_inflight += 1  # before prepare's await (a long prompt is tokenized on a thread): admission holds
         try:
-            prepared = await prepare(request, self.tokenizer, self.settings.limits)
+            prepared = await prepare(request, self.tokenizer, self.settings.limits, self.check_constraint)
         except InvalidRequestError as e:
             self.num_inflight -= 1
             self.metrics.error("invalid_argument")

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from splitserve.engine.constraint import Constraint
 from splitserve.engine.errors import InvalidRequestError
 from splitserve.services.convert import sampling_params_from_proto
 from splitserve.v1 import generation_pb2 as gen_pb
@@ -63,8 +65,12 @@ class PreparedRequest:
     timeout_seconds: float | None
 
 
-async def prepare(msg: gen_pb.GenerateRequest, tokenizer: PreTrainedTokenizerBase, limits: ModelLimits) -> PreparedRequest:
-    """Raises InvalidRequestError naming the offending field; nothing reaches a worker unchecked."""
+async def prepare(
+    msg: gen_pb.GenerateRequest, tokenizer: PreTrainedTokenizerBase, limits: ModelLimits,
+    check_constraint: Callable[[Constraint], Awaitable[None]] | None = None,
+) -> PreparedRequest:
+    """Raises InvalidRequestError naming the offending field; nothing reaches a worker unchecked.
+    ``check_constraint``: compiles a request's constraint (an invalid one is refused here)."""
     which = msg.WhichOneof("prompt")
     if which is None:
         raise InvalidRequestError("prompt", "set text or token_ids")
@@ -105,7 +111,9 @@ async def prepare(msg: gen_pb.GenerateRequest, tokenizer: PreTrainedTokenizerBas
     )
     if msg.HasField("prompt_logprobs"):
         engine_request.prompt_logprobs = msg.prompt_logprobs
-    sampling_params_from_proto(engine_request)  # validates the sampling fields, naming the bad one
+    params = sampling_params_from_proto(engine_request)  # validates the sampling fields, naming the bad one
+    if params.constraint is not None and check_constraint is not None:
+        await check_constraint(params.constraint)
     return PreparedRequest(
         engine_request=engine_request,
         stop=list(msg.stop),

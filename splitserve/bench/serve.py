@@ -30,6 +30,8 @@ from splitserve.bench.metrics import parse_goodput
 from splitserve.bench.openai_client import BACKENDS, OpenAIClient
 from splitserve.bench.records import RequestRecord
 from splitserve.bench.report import format_point, format_summary, results_document, write_json
+from splitserve.bench.spec_metrics import SpecCounts, format_spec
+from splitserve.bench.spec_metrics import scrape as scrape_spec
 from splitserve.bench.sweep import PointResult, run_point
 
 
@@ -78,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--label", default="splitserve", help="names the result files")
     r.add_argument("--no-plots", action="store_true", help="write the JSON only")
     r.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    r.add_argument("--worker-metrics", default=None, metavar="URL[,URL]",
+                   help="decode workers' Prometheus endpoints (http://HOST:PORT/metrics): each point then reports "
+                   "speculative decoding's acceptance rate and mean accepted length per worker")
     return p
 
 
@@ -186,7 +191,14 @@ def _client(cfg: ClientConfig) -> GenerationClient | OpenAIClient:
     return OpenAIClient(cfg.backend, cfg.targets, cfg.request_timeout_s, cfg.ignore_eos, cfg.sampling, tokenizer, cfg.api_key)
 
 
-async def run(cfg: BenchConfig, argv: Sequence[str]) -> int:
+SPEC_SETTLE_SECONDS = 1.5  # workers move their Prometheus counters every 0.5 s: the point's last steps land within this
+
+
+async def _scrape_spec(urls: Sequence[str]) -> dict[str, SpecCounts]:
+    return {url: await asyncio.to_thread(scrape_spec, url) for url in urls}
+
+
+async def run(cfg: BenchConfig, argv: Sequence[str], worker_metrics: Sequence[str] = ()) -> int:
     run_id = f"bench-{uuid.uuid4().hex[:8]}"  # request ids only; never affects the workload
     started_at = time.time()
     seeds = np.random.SeedSequence(cfg.seed)
@@ -218,17 +230,24 @@ async def run(cfg: BenchConfig, argv: Sequence[str]) -> int:
                 return 1
 
         results: list[PointResult] = []
+        spec: dict[str, dict[str, SpecCounts]] = {}
         for i, point in enumerate(cfg.points):
             send = _request_fn(client, f"{run_id}-p{i}")
+            before = await _scrape_spec(worker_metrics)
             result = await run_point(point, requests, send, cfg.burstiness, arrival_seed,
                                      cfg.percentiles, cfg.slos_ms, cfg.progress)
             print(format_point(point, cfg.burstiness, result.metrics))
+            if worker_metrics:
+                await asyncio.sleep(SPEC_SETTLE_SECONDS)
+                after = await _scrape_spec(worker_metrics)
+                spec[point.label()] = {url: after[url] - before[url] for url in worker_metrics}
+                print(format_spec(spec[point.label()]))
             results.append(result)
 
     if len(results) > 1:
         print(format_summary(results, cfg.tail_percentile))
     if cfg.out_dir is not None:
-        _write_outputs(cfg, info, results, argv, started_at)
+        _write_outputs(cfg, info, results, argv, started_at, spec)
     empty = [r.point.label() for r in results if r.metrics.completed == 0]
     if empty:
         print(f"error: no request succeeded at {', '.join(empty)}", file=sys.stderr)
@@ -237,7 +256,8 @@ async def run(cfg: BenchConfig, argv: Sequence[str]) -> int:
 
 
 def _write_outputs(
-    cfg: BenchConfig, info: ModelInfo, results: list[PointResult], argv: Sequence[str], started_at: float
+    cfg: BenchConfig, info: ModelInfo, results: list[PointResult], argv: Sequence[str], started_at: float,
+    spec: dict[str, dict[str, SpecCounts]] | None = None,
 ) -> None:
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -246,7 +266,10 @@ def _write_outputs(
         "started_at_unix": started_at,
         **_jsonable(cfg),
     }
-    write_json(out / f"{cfg.label}.json", results_document(config, _jsonable(info), results))
+    document = results_document(config, _jsonable(info), results)
+    if spec:  # per point label, per worker endpoint
+        document["speculative_decoding"] = {label: {url: c.as_dict() for url, c in per.items()} for label, per in spec.items()}
+    write_json(out / f"{cfg.label}.json", document)
     print(f"wrote {out / cfg.label}.json")
     if not cfg.plots:
         return
@@ -272,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(run(cfg, argv))
+    worker_metrics = [u for u in (args.worker_metrics or "").split(",") if u]
+    return asyncio.run(run(cfg, argv, worker_metrics))
 
 
 if __name__ == "__main__":

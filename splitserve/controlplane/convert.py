@@ -22,12 +22,16 @@ def info_to_pb(info: WorkerInfo) -> pb.WorkerInfo:
         block_size=info.block_size,
         tp_size=info.tp_size,
         model=info.model,
+        kv_cache_dtype=info.kv_cache_dtype,
+        quantization=info.quantization,
         host_kv_blocks=info.host_kv_blocks,
     )
 
 
 def info_from_pb(msg: pb.WorkerInfo) -> WorkerInfo:
-    return WorkerInfo(msg.worker_id, msg.role, msg.address, msg.block_size, msg.tp_size, msg.model, msg.host_kv_blocks)  # type: ignore[arg-type]
+    return WorkerInfo(
+        msg.worker_id, msg.role, msg.address, msg.block_size, msg.tp_size, msg.model, msg.kv_cache_dtype, msg.quantization, msg.host_kv_blocks,  # type: ignore[arg-type]
+    )
 
 
 def load_to_pb(load: WorkerLoad) -> pb.WorkerLoad:

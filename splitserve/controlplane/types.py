@@ -38,6 +38,8 @@ class WorkerInfo:
     block_size: int
     tp_size: int = 1
     model: str = ""
+    kv_cache_dtype: str = ""  # what the worker's KV cache holds ("" from workers that predate it)
+    quantization: str = ""  # its weights': "none" or "fp8"
     host_kv_blocks: int = 0  # blocks of the worker's host KV tier; 0: none
 
     def __post_init__(self) -> None:

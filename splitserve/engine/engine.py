@@ -10,14 +10,16 @@ one row computed for nothing, discarded.
 """
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from splitserve.config import EngineConfig
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.errors import InvalidRequestError, QueueFullError
+from splitserve.engine.grammar import GrammarCompiler, GrammarMatchers
 from splitserve.engine.host_tier import make_host_tier
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.model_runner import ModelRunner, Placeholders
@@ -25,6 +27,7 @@ from splitserve.engine.request import PLACEHOLDER, FinishReason, Request, TokenL
 from splitserve.engine.sampler import Sampler
 from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import KVLoad, RemoteKV, Scheduler, SchedulerOutput
+from splitserve.engine.speculative import SpeculativeDecoder
 from splitserve.engine.stats import EngineStats, RequestClock, RequestTimes
 from splitserve.engine.tiered_kv_cache import TieredKVCacheManager
 
@@ -81,12 +84,18 @@ class LLMEngine:
         self.sampler = Sampler()
         wanted = config.scheduler.async_scheduling
         self.async_scheduling = wanted if wanted is not None else self.runner.device.type == "cuda"
+        # Speculative steps are synchronous: the next proposals need this step's accepted tokens.
+        self.speculative = (
+            SpeculativeDecoder(config.speculative, self.runner, self.kv_cache_manager) if config.speculative.method else None
+        )
         self._in_flight: _InFlight | None = None
         self.num_discarded_rows = 0  # rows computed for requests that had stopped (async scheduling)
         self.num_host_sampled_steps = 0  # async scheduling: steps that waited to sample on the host
         self.num_generation_tokens = 0
         self.num_prefix_queried_tokens = 0
         self._clock = RequestClock()
+        self._grammars: GrammarMatchers | None = None  # built with the first constrained request
+        self._grammars_lock = threading.Lock()  # compile_constraint runs on the services' worker threads
 
     # -- requests ------------------------------------------------------------
 
@@ -119,6 +128,10 @@ class LLMEngine:
         bad = next((t for t, _ in params.logit_bias if t >= self.vocab_size), None)
         if bad is not None:
             raise InvalidRequestError("logit_bias", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if params.constraint is not None:
+            if self.speculative is not None:  # its proposals and acceptance do not consult the grammar
+                raise InvalidRequestError(params.constraint.field, "is not supported by a worker running speculative decoding")
+            self.grammars.compiler.compile(params.constraint)  # cached: enqueue finds it compiled
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, **options) -> Request:
         """Checks and queues a request; ``options`` as ``enqueue`` takes them."""
@@ -149,6 +162,8 @@ class LLMEngine:
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids)
         if first_token is not None:
             request.append_output(first_token.token_id, first_token if params.logprobs or params.top_logprobs else None)
+        if params.constraint is not None:
+            self.grammars.matcher(request)  # a first token outside the grammar is refused here, not mid-step
         self.scheduler.add_request(request, remote_kv=remote_kv, hold_kv=hold_kv)
         self._clock.queued(request_id)
         return request
@@ -170,13 +185,36 @@ class LLMEngine:
         return self.kv_cache_manager.get_block_ids(request_id)
 
     @property
+    def grammars(self) -> GrammarMatchers:
+        """The constrained requests' matchers (the checkpoint's tokenizer is loaded on first use)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                from splitserve.tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer(self.config.model.model_dir)
+                # On a CPU device the model's own threads hold the cores: fill masks on one thread.
+                threads = 1 if self.runner.device.type == "cpu" else 4
+                self._grammars = GrammarMatchers(GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids), threads)
+            return self._grammars
+
+    def compile_constraint(self, params: SamplingParams) -> None:
+        """Compiles the request's constraint into the compiler's cache (``validate`` then finds
+        it there); raises InvalidRequestError naming it. Safe on any thread: the services run
+        it on a worker thread, so a grammar's compile time never holds their event loop."""
+        if params.constraint is not None:
+            self.grammars.compiler.compile(params.constraint)
+
+    @property
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
     # -- one step ------------------------------------------------------------
 
     def step(self) -> StepResult:
-        result = self._step_async() if self.async_scheduling else self._step_sync()
+        if self.speculative is not None:
+            result = self._step_speculative()
+        else:
+            result = self._step_async() if self.async_scheduling else self._step_sync()
         self._record(result.outputs)
         return result
 
@@ -208,6 +246,7 @@ class LLMEngine:
             return StepResult(outputs, out.kv_loads)
         # A request that stopped on the token just read back had this step's row computed for nothing.
         self.num_discarded_rows += sum(r.is_finished for r in to_sample)
+        logits = self._constrain(logits, to_sample)  # the tokens just read back advanced the matchers
         if self.sampler.samples_on_device(to_sample):
             tokens = self.sampler.sample_on_device(logits, to_sample)
             self.scheduler.advance(out)
@@ -220,6 +259,7 @@ class LLMEngine:
             sampled = {
                 r.request_id: result for r, result in zip(to_sample, self.sampler(logits, to_sample)) if not r.is_finished
             }
+            self._accept(to_sample, sampled)
             self.scheduler.update_from_output(out, sampled)
             outputs += [self._output(r, *sampled[r.request_id]) for r in to_sample if r.request_id in sampled]
         return StepResult(outputs, out.kv_loads)
@@ -231,9 +271,22 @@ class LLMEngine:
         if out.scheduled:
             logits = self._prompt_logprobs(out, self.runner.execute(out))
             to_sample = [self.scheduler.requests[s.request_id] for s in out.scheduled if s.sample]
+            logits = self._constrain(logits, to_sample)
             sampled = dict(zip((r.request_id for r in to_sample), self.sampler(logits, to_sample)))
+            self._accept(to_sample, sampled)
         self.scheduler.update_from_output(out, sampled)
         return StepResult([self._output(r, *sampled[r.request_id]) for r in to_sample], out.kv_loads)
+
+    def _step_speculative(self) -> StepResult:
+        self.speculative.propose(self.scheduler)
+        out = self._schedule()
+        if not out.scheduled:
+            return StepResult([], out.kv_loads)
+        logits = self._prompt_logprobs(out, self.runner.execute(out))
+        outputs = []
+        for request, token_ids, logprobs in self.speculative.sample(self.scheduler, out, logits, self.sampler):
+            outputs.append(replace(self._output(request, token_ids[-1], None), new_token_ids=token_ids, new_logprobs=logprobs))
+        return StepResult(outputs, out.kv_loads)
 
     # -- stats -----------------------------------------------------------------
 
@@ -255,6 +308,7 @@ class LLMEngine:
             num_preemptions=s.num_preemptions,
             num_discarded_rows=self.num_discarded_rows,
             num_tokens_in_flight=sum(r.num_tokens - r.num_computed_tokens for r in [*s.waiting, *s.running]),
+            spec=self.speculative.stats if self.speculative is not None else None,
         )
 
     def drain_request_times(self) -> list[RequestTimes]:
@@ -267,6 +321,17 @@ class LLMEngine:
             self._clock.token(out.request_id, out.finish_reason.value if out.finish_reason is not None else None)
         if len(self._clock) > len(self.scheduler.requests) - len(self.scheduler.held):  # some ended without an output
             self._clock.forget([r for r in self._clock.known() if r not in self.scheduler.requests])
+
+    def _constrain(self, logits: torch.Tensor, to_sample: list[Request]) -> torch.Tensor:
+        """Masks the rows of constrained requests to their grammar (``grammar.GrammarMatchers``)."""
+        if not any(r.sampling_params.constraint is not None for r in to_sample):
+            return logits
+        return self.grammars.constrain(logits, to_sample)
+
+    def _accept(self, to_sample: list[Request], sampled: dict[str, tuple[int, TokenLogprob | None]]) -> None:
+        for request in to_sample:
+            if request.sampling_params.constraint is not None and request.request_id in sampled:
+                self.grammars.accept(request, sampled[request.request_id][0])
 
     @staticmethod
     def _placeholders(out: SchedulerOutput, previous: _InFlight | None) -> Placeholders | None:
@@ -293,6 +358,8 @@ class LLMEngine:
             if request.is_finished or not request.num_pending_tokens:
                 continue  # aborted, or stopped by the token before, while this one was computed
             request.resolve_placeholder(token_id)
+            if request.sampling_params.constraint is not None:
+                self.grammars.accept(request, token_id)
             self.scheduler.check_finished(request)
             outputs.append(self._output(request, token_id, None))
         return outputs
@@ -306,8 +373,9 @@ class LLMEngine:
         sample_rows, row = [], 0
         for s in out.scheduled:
             if not s.all_rows:
-                sample_rows += [row] if s.sample else []
-                row += s.sample
+                num_rows = (1 + s.num_spec) if s.sample else 0  # the proposed tokens' rows too
+                sample_rows += range(row, row + num_rows)
+                row += num_rows
                 continue
             request = self.scheduler.requests[s.request_id]
             k = request.sampling_params.prompt_logprobs

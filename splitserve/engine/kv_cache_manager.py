@@ -104,6 +104,21 @@ class KVCacheManager:
             # Tail blocks first: they are the least likely to be shared, so evict them first.
             self.block_pool.free_blocks(b for b in reversed(blocks) if b.block_id not in quarantine)
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Gives back the blocks past the first ``num_tokens`` tokens' (the slots of proposed
+        tokens that were rejected). Only blocks past the computed tokens may go: the cached
+        ones hold KV that stays valid."""
+        blocks = self.req_to_blocks.get(request.request_id)
+        keep = self.num_blocks_for(num_tokens)
+        if not blocks or keep >= len(blocks):
+            return
+        if keep < self._num_cached_blocks[request.request_id] or num_tokens < request.num_computed_tokens:
+            raise ValueError(f"trimming {request.request_id!r} to {num_tokens} tokens would drop computed KV")
+        extra = blocks[keep:]
+        del blocks[keep:]
+        del self._block_ids[request.request_id][keep:]
+        self.block_pool.free_blocks(reversed(extra))
+
     def free_quarantined(self, block_ids: list[int]) -> None:
         self.block_pool.free_blocks(self.quarantined.pop(i) for i in block_ids if i in self.quarantined)
 

@@ -7,9 +7,12 @@ import torch
 
 from splitserve.config import CacheConfig, ModelConfig
 from splitserve.engine.cuda_graphs import DecodeCUDAGraphs
+from splitserve.engine.kv_scales import fingerprint
+from splitserve.engine.quantized_cache import resolve_kv_cache
 from splitserve.engine.scheduler import SchedulerOutput
 from splitserve.kernels.attention_metadata import AttentionMetadata, to_device, with_device_tensors
 from splitserve.kernels.backend import select_backend
+from splitserve.models.fp8 import is_fp8_quantized
 from splitserve.models.layers import TPGroup
 from splitserve.models.loader import load_model
 
@@ -42,14 +45,18 @@ class ModelRunner:
         arch_max_len = self._peek_max_len(model_config)
         self.max_model_len = model_config.max_model_len or arch_max_len
         self.model, self.arch = load_model(
-            model_config.model_dir, model_config.dtype, self.device, tp, max_positions=max(self.max_model_len, arch_max_len)
+            model_config.model_dir, model_config.dtype, self.device, tp, max_positions=max(self.max_model_len, arch_max_len),
+            quantization=model_config.quantization,
         )
-        self.dtype = next(self.model.parameters()).dtype
+        self.dtype = self.model.embed_tokens.weight.dtype  # the activations' (weights may be fp8)
+        self.quantization = "fp8" if is_fp8_quantized(self.model) else "none"
         attn = self.model.layers[0].self_attn
         self.kv_block_shape = (attn.num_kv_heads, self.arch.num_layers, 2, self.block_size, attn.head_dim)
-        self.num_blocks = self._num_blocks(cache_config)
-        self.kv_cache = torch.zeros((self.num_blocks, *self.kv_block_shape), dtype=self.dtype, device=self.device)
         self.backend = select_backend(self.device)
+        self.kv_cache_dtype, self.kv_scales = resolve_kv_cache(self.model, model_config, cache_config, self.backend, self.max_model_len)
+        self.kv_scales_id = fingerprint(self.kv_scales)
+        self.num_blocks = self._num_blocks(cache_config)
+        self.kv_cache = torch.zeros((self.num_blocks, *self.kv_block_shape), dtype=self.kv_cache_dtype, device=self.device)
         self.graphs: DecodeCUDAGraphs | None = None  # decode steps replayed as CUDA graphs
         if self.device.type == "cuda" and self.backend.needs_device_tensors:
             self.model.use_gpu_kernels()
@@ -79,7 +86,7 @@ class ModelRunner:
         n = 1
         for d in self.kv_block_shape:
             n *= d
-        return n * self.dtype.itemsize
+        return n * self.kv_cache_dtype.itemsize
 
     def _num_blocks(self, cache: CacheConfig) -> int:
         if cache.num_blocks is not None:
@@ -105,8 +112,8 @@ class ModelRunner:
             block_tables.append(s.block_ids)
             if s.all_rows:  # every row, the sampled one last (see LLMEngine._prompt_logprobs)
                 sample_rows.extend(range(query_start_loc[-2], query_start_loc[-1]))
-            elif s.sample:
-                sample_rows.append(query_start_loc[-1] - 1)
+            elif s.sample:  # the last row, and the rows of the proposed tokens' predecessors before it
+                sample_rows.extend(range(query_start_loc[-1] - 1 - s.num_spec, query_start_loc[-1]))
         bs = self.block_size
         slot_block = [s.block_ids[p // bs] for s in out.scheduled for p in range(s.start_pos, s.start_pos + len(s.token_ids))]
         # One pinned copy for the per-token rows (no stream sync: see to_device).
@@ -125,7 +132,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, placeholders: Placeholders | None = None) -> torch.Tensor:
-        """Computes the scheduled tokens' KV; returns logits [num_sampling_requests, vocab].
+        """Computes the scheduled tokens' KV; returns logits [num_sampling_rows, vocab]: one row per
+        sampling request, 1 + num_spec for a request checking proposed tokens.
 
         Queued on the device, not waited for: reading the logits is what waits. In a TP group
         rank 0 holds the placeholders' tokens (its engine sampled them) and the other ranks an

@@ -58,6 +58,8 @@ class Request:
     finish_reason: FinishReason | None = field(default=None, init=False)
     block_hashes: list[BlockHash] = field(default_factory=list, init=False)
     num_pending_tokens: int = field(default=0, init=False)  # trailing PLACEHOLDERs, 0 or 1
+    # Speculative decoding: tokens proposed to follow all_token_ids, checked by the next step; never hashed or cached.
+    spec_token_ids: list[int] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

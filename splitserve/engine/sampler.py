@@ -127,6 +127,10 @@ class Sampler:
         noise = torch.empty_like(probs).exponential_(generator=self._device_generator(device))
         return tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))
 
+    def device_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of unseeded draws on ``device`` (speculative decoding draws with it too)."""
+        return self._device_generator(device)
+
     def _device_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._device_generators:
             generator = torch.Generator(device=device)

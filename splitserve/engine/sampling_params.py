@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from splitserve.engine.constraint import Constraint
 from splitserve.engine.errors import InvalidRequestError
 
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
@@ -27,6 +28,7 @@ class SamplingParams:
     top_logprobs: int = 0  # and this many most likely alternatives
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits before sampling
     prompt_logprobs: int | None = None  # the prompt tokens' logprobs (after the first), with this many alternatives
+    constraint: Constraint | None = None  # the output must match it (grammar-constrained decoding)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -58,6 +60,8 @@ class SamplingParams:
             raise InvalidRequestError("prompt_logprobs", f"must be in [0, 20], got {self.prompt_logprobs!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequestError("seed", f"must be in [0, 2**63), got {self.seed!r}")
+        if self.constraint is not None and self.ignore_eos:
+            raise InvalidRequestError("ignore_eos", "cannot be combined with a constraint: the output ends where its grammar does")
 
     @property
     def greedy(self) -> bool:

@@ -24,6 +24,12 @@ class ScheduledRequest:
     block_ids: list[int]  # the request's whole block table
     sample: bool  # this step reaches the end of the request's tokens: sample the next one
     all_rows: bool = False  # logits for every token of this step, not only the last (prompt logprobs)
+    num_spec: int = 0  # the last num_spec token_ids are proposed tokens: logits for them and the token before
+
+    @property
+    def num_computed(self) -> int:
+        """Tokens this step surely computes (proposed ones count only once they are accepted)."""
+        return len(self.token_ids) - self.num_spec
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
+        num_spec: dict[str, int] = {}
 
         preempted: set[str] = set()
         for request in list(self.running):
@@ -140,7 +147,8 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
-            while self.kv.allocate_slots(request, num_new) is None:
+            num_spec[request.request_id] = self._num_spec(request, num_new, budget)
+            while self.kv.allocate_slots(request, num_new + num_spec[request.request_id]) is None:
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.add(victim.request_id)
@@ -150,7 +158,7 @@ class Scheduler:
                     break
             else:
                 scheduled[request.request_id] = num_new
-                budget -= num_new
+                budget -= num_new + num_spec[request.request_id]
 
         while self.waiting and budget > 0 and not out.preempted_ids:
             if len(self.running) + len(self.loading) >= self.config.max_num_seqs:
@@ -188,20 +196,34 @@ class Scheduler:
         for request_id, num_new in scheduled.items():
             request = self.requests[request_id]
             start = request.num_computed_tokens
+            spec = request.spec_token_ids[: num_spec.get(request_id, 0)]
             if start < request.num_prompt_tokens:
                 self.num_prompt_tokens_computed += min(num_new, request.num_prompt_tokens - start)
             out.scheduled.append(
                 ScheduledRequest(
                     request_id=request_id,
-                    token_ids=request.all_token_ids[start : start + num_new],
+                    token_ids=request.all_token_ids[start : start + num_new] + spec,
                     start_pos=start,
                     block_ids=self.kv.get_block_ids(request_id),
                     sample=start + num_new == request.num_tokens,
                     all_rows=request.sampling_params.prompt_logprobs is not None
                     and len(request.prompt_logprobs) < request.num_prompt_tokens - 1 and start < request.num_prompt_tokens - 1,
+                    num_spec=len(spec),
                 )
             )
         return out
+
+    def _num_spec(self, request: Request, num_new: int, budget: int) -> int:
+        """How many of the request's proposed tokens this step checks: only when it computes its
+        newest token, within the token budget, and never more than could still be emitted."""
+        if not request.spec_token_ids or num_new != request.num_tokens - request.num_computed_tokens:
+            return 0
+        room = min(
+            budget - num_new,
+            request.sampling_params.max_tokens - request.num_output_tokens - 1,
+            self.max_model_len - request.num_tokens - 1,
+        )
+        return max(0, min(len(request.spec_token_ids), room))
 
     def _kv_load(self, request: Request, remote: RemoteKV, num_hit_tokens: int) -> KVLoad:
         first = num_hit_tokens // self.kv.block_size
@@ -236,7 +258,7 @@ class Scheduler:
             request = self.requests.get(s.request_id)
             if request is None:
                 continue  # aborted while the step ran
-            request.num_computed_tokens += len(s.token_ids)
+            request.num_computed_tokens += s.num_computed
             self.kv.cache_blocks(request)
 
     def check_finished(self, request: Request) -> bool:

@@ -20,6 +20,7 @@ import time
 import torch
 
 from splitserve.engine.cuda_graphs import DecodeCUDAGraphs
+from splitserve.engine.quantized_cache import resolve_kv_cache
 from splitserve.engine.warmup import warm_up
 from splitserve.models.loader import load_model
 
@@ -35,6 +36,8 @@ class EngineSleep:
         runner = engine.runner
         if engine.config.parallel.tensor_parallel_size > 1:  # the other ranks' memory is in their own processes
             raise ValueError("sleep mode needs a tensor parallel size of 1")
+        if engine.speculative is not None and engine.config.speculative.method == "draft":  # its model and KV are not handled here
+            raise ValueError("sleep mode does not cover a draft model yet")
         self.engine = engine
         self.runner = runner
         self.level = 0
@@ -92,6 +95,11 @@ class EngineSleep:
             runner.model, _ = load_model(
                 model_config.model_dir, model_config.dtype, runner.device, runner.tp,
                 max_positions=max(runner.max_model_len, runner.arch.max_position_embeddings),
+                quantization=model_config.quantization,
+            )
+            # The KV cache's dtype and scales as the runner first resolved them, set on the new model too.
+            runner.kv_cache_dtype, runner.kv_scales = resolve_kv_cache(
+                runner.model, model_config, self.engine.config.cache, runner.backend, runner.max_model_len
             )
         if runner.device.type == "cuda" and runner.backend.needs_device_tensors:
             runner.model.use_gpu_kernels()

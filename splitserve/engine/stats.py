@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from splitserve.engine.speculative import SpecStats
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class EngineStats:
     num_preemptions: int = 0
     num_discarded_rows: int = 0  # async scheduling: rows computed for requests that had stopped
     num_tokens_in_flight: int = 0  # accepted prompt tokens not computed yet
+    spec: SpecStats | None = None  # speculative decoding's counters, when it is on
 
     @property
     def kv_cache_usage(self) -> float:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitserve.models.fp8 import fp8_linear
+
 
 @dataclass(frozen=True)
 class TPGroup:
@@ -93,6 +95,8 @@ class ColumnParallelLinear(nn.Module):
             local += per_rank
         self.weight = nn.Parameter(torch.empty(local, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(local), requires_grad=False) if bias else None
+        self.weight_scale: torch.Tensor | None = None  # [out] fp32 once the weight is fp8 (models/fp8.py)
+        self.use_kernel = False  # fp8: quantize activations with kernels/quant_fp8.py; set for CUDA runs
 
     def _rank_rows(self, name: str, rows: int) -> tuple[int, int]:
         units = rows // self.unit
@@ -110,6 +114,8 @@ class ColumnParallelLinear(nn.Module):
         target.copy_(tensor_slice[start : start + rows])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_scale is not None:
+            return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.use_kernel)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -122,6 +128,8 @@ class RowParallelLinear(nn.Module):
         self.start, per_rank = tp.shard(in_features, "in_features")
         self.weight = nn.Parameter(torch.empty(out_features, per_rank), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.weight_scale: torch.Tensor | None = None  # [out] fp32 once the weight is fp8 (models/fp8.py)
+        self.use_kernel = False  # as ColumnParallelLinear's
 
     def load_shard(self, name: str, tensor_slice, is_bias: bool = False) -> None:
         if is_bias:
@@ -131,7 +139,8 @@ class RowParallelLinear(nn.Module):
         self.weight.data.copy_(tensor_slice[:, self.start : self.start + cols])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        partial = F.linear(x, self.weight) if self.weight_scale is None else fp8_linear(x, self.weight, self.weight_scale, use_kernel=self.use_kernel)
+        y = self.tp.all_reduce(partial)
         return y if self.bias is None else y + self.bias  # added once, after the sum
 
 

@@ -45,6 +45,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rope = rope
         self.use_rotary_kernel = False  # rotate q and k in place with kernels/rotary.py; set for CUDA runs
+        self.kv_scale: torch.Tensor | None = None  # [2] fp32 (K, V) when the KV cache is fp8 (engine/kv_scales.py)
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, backend: AttentionBackend
@@ -63,7 +64,7 @@ class Attention(nn.Module):
             q, k = apply_rotary_(positions, q, k, self.rope.cos, self.rope.sin)
         else:
             q, k = self.rope(positions, q, k)
-        out = backend.forward(q, k, v, kv_layer, meta, self.scale, self.sliding_window)
+        out = backend.forward(q, k, v, kv_layer, meta, self.scale, self.sliding_window, kv_scale=self.kv_scale)
         return self.o_proj(out.reshape(-1, q_size))
 
 
@@ -124,9 +125,9 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def use_gpu_kernels(self, enabled: bool = True) -> None:
-        """Fused RMSNorm(+residual) and in-place rotary through Triton on CUDA tensors (kernels/)."""
+        """Fused RMSNorm(+residual), in-place rotary and fp8 activation quantization through Triton on CUDA tensors (kernels/)."""
         for module in self.modules():
-            if isinstance(module, RMSNorm):
+            if isinstance(module, (RMSNorm, ColumnParallelLinear, RowParallelLinear)):
                 module.use_kernel = enabled
             elif isinstance(module, Attention):
                 module.use_rotary_kernel = enabled

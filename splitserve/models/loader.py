@@ -8,6 +8,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from splitserve.models.arch import ArchConfig, CheckpointError, load_arch_config
+from splitserve.models.fp8 import quantize_model_fp8
+from splitserve.models.fp8_checkpoint import Fp8CheckpointReader, checkpoint_quantization
 from splitserve.models.layers import TPGroup
 from splitserve.models.llama import LlamaForCausalLM
 
@@ -25,10 +27,13 @@ def load_model(
     device: str | torch.device = "cpu",
     tp: TPGroup = TPGroup(),
     max_positions: int | None = None,
+    quantization: str | None = None,
 ) -> tuple[LlamaForCausalLM, ArchConfig]:
     """Builds the model for ``config.json`` and fills it from the safetensors files.
 
     Every parameter must be filled from the checkpoint; a missing tensor is an error.
+    ``quantization``: "fp8" quantizes the linear layers (models/fp8.py), "none" keeps them in
+    ``dtype``; None follows the checkpoint (an FP8 checkpoint stays FP8).
     """
     model_dir = Path(model_dir)
     cfg = load_arch_config(model_dir)
@@ -42,6 +47,8 @@ def load_model(
     targets = model.checkpoint_targets()
     loaded: set[str] = set()
     files = safetensors_files(model_dir)
+    fp8_config = checkpoint_quantization(model_dir)
+    fp8_reader = Fp8CheckpointReader(files, fp8_config) if fp8_config is not None else None
     # A progress bar on a terminal only (disable=None), and from the first rank only.
     progress = tqdm(total=_num_tensors(files), desc=f"loading {model_dir.name}", unit="tensor", disable=None if tp.rank == 0 else True,
                     leave=False)
@@ -50,7 +57,7 @@ def load_model(
             for name in f.keys():
                 progress.update()
                 for module, shard, is_bias in targets.get(name, []):
-                    sl = f.get_slice(name)
+                    sl = fp8_reader.get(f, name) if fp8_reader is not None else f.get_slice(name)
                     if hasattr(module, "load_shard"):
                         module.load_shard(shard, sl, is_bias)
                     else:
@@ -65,6 +72,8 @@ def load_model(
     ]
     if missing:
         raise CheckpointError(f"{model_dir}: checkpoint lacks tensors: {', '.join(sorted(set(missing))[:8])}")
+    if quantization == "fp8" or (quantization is None and fp8_config is not None):
+        quantize_model_fp8(model)
     return model.eval(), cfg
 
 

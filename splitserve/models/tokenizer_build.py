@@ -27,31 +27,73 @@ _SPLIT_PATTERN = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# With ``tools`` each template renders them, and assistant tool calls and tool results, in its
+# family's manner (Llama 3.1: JSON calls and an ipython role; Qwen: Hermes <tool_call> tags;
+# Mistral: [AVAILABLE_TOOLS] / [TOOL_CALLS] / [TOOL_RESULTS]); without, the output is as before.
+# A call's arguments arrive as OpenAI's JSON string, or as an object.
+_ARGUMENTS = "{% set args = call['function']['arguments'] %}{{ args if args is string else args | tojson }}"
+
 _LLAMA3_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n"
+    "These functions can be called; to call one, answer with only "
+    "{\"name\": <function name>, \"parameters\": <arguments object>}.\n\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}{{ '<|eot_id|>' }}{% endif %}"
     "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' and message.tool_calls %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% for call in message.tool_calls %}{% if not loop.first %}{{ '; ' }}{% endif %}"
+    "{{ '{\"name\": \"' + call['function']['name'] + '\", \"parameters\": ' }}" + _ARGUMENTS + "{{ '}' }}{% endfor %}"
+    "{{ '<|eot_id|>' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|start_header_id|>ipython<|end_header_id|>\n\n' }}{{ message['content'] | trim }}{{ '<|eot_id|>' }}"
+    "{% else %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
     "{{ message['content'] | trim }}{{ '<|eot_id|>' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
 _CHATML_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n\nFunctions you may call, one JSON signature a line:\n<tools>\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}"
+    "{{ '</tools>\n\nTo call a function, answer with <tool_call>\n{\"name\": <function name>, \"arguments\": "
+    "<arguments object>}\n</tool_call>, once per call.<|im_end|>\n' }}{% endif %}"
     "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'assistant' and message.tool_calls %}"
+    "{{ '<|im_start|>assistant\n' }}{% if message['content'] %}{{ message['content'] + '\n' }}{% endif %}"
+    "{% for call in message.tool_calls %}{% if not loop.first %}{{ '\n' }}{% endif %}"
+    "{{ '<tool_call>\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}" + _ARGUMENTS + "{{ '}\n</tool_call>' }}"
+    "{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}"
+    "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 # Mistral has no system role: a system message is prepended to the next user turn. The
 # prompt already ends at [/INST] where the assistant answers, so add_generation_prompt
-# adds nothing.
+# adds nothing. The tools come just before the last user turn.
 _MISTRAL_TEMPLATE = (
-    "{{ bos_token }}{% set system = namespace(text='') %}"
+    "{{ bos_token }}{% set system = namespace(text='', last_user=-1) %}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}{% set system.last_user = loop.index0 %}{% endif %}{% endfor %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{% set system.text = message['content'] + '\n\n' %}"
     "{% elif message['role'] == 'user' %}"
+    "{% if tools and loop.index0 == system.last_user %}{{ '[AVAILABLE_TOOLS] ' }}{{ tools | tojson }}{{ '[/AVAILABLE_TOOLS]' }}{% endif %}"
     "{{ '[INST] ' + system.text + message['content'] + ' [/INST]' }}{% set system.text = '' %}"
+    "{% elif message['role'] == 'tool' %}{{ '[TOOL_RESULTS] ' + message['content'] + '[/TOOL_RESULTS]' }}"
+    "{% elif message.tool_calls %}{{ ' [TOOL_CALLS] [' }}"
+    "{% for call in message.tool_calls %}{% if not loop.first %}{{ ', ' }}{% endif %}"
+    "{{ '{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}" + _ARGUMENTS + "{{ '}' }}{% endfor %}"
+    "{{ ']' + eos_token }}"
     "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
     "{% endfor %}"
 )

@@ -72,7 +72,7 @@ def encode_step(out: SchedulerOutput, placeholders: Placeholders | None = None) 
     """``placeholders``: the rows go along, the tokens follow on the device (rank 0 broadcasts
     them; the message says how many)."""
     return {
-        "scheduled": [[s.request_id, s.token_ids, s.start_pos, s.block_ids, s.sample, s.all_rows] for s in out.scheduled],
+        "scheduled": [[s.request_id, s.token_ids, s.start_pos, s.block_ids, s.sample, s.all_rows, s.num_spec] for s in out.scheduled],
         "preempted_ids": out.preempted_ids,
         "placeholder_rows": placeholders.rows if placeholders is not None else None,
         "num_sampled": len(placeholders.tokens) if placeholders is not None else 0,

@@ -47,7 +47,7 @@ def run_rank(spec: RankSpec, channel: p.Channel) -> None:
         if spec.agent_name is not None:
             layout = KVLayout.from_kv_cache(
                 runner.kv_cache, model=spec.agent_model, tp_size=spec.world_size, tp_rank=spec.rank,
-                total_num_kv_heads=runner.arch.num_kv_heads,
+                total_num_kv_heads=runner.arch.num_kv_heads, kv_scales=runner.kv_scales_id,
             )
             agent = KVTransferAgent(spec.agent_name, runner.kv_cache, layout)
         metadata = p.encode_bytes(agent.metadata()) if agent is not None else None

@@ -208,6 +208,9 @@ class TPModelRunner:
     arch = property(lambda self: self.local.arch)
     max_model_len = property(lambda self: self.local.max_model_len)
     kv_cache = property(lambda self: self.local.kv_cache)  # rank 0's shard
+    kv_scales_id = property(lambda self: self.local.kv_scales_id)  # the same on every rank (engine/kv_scales.py)
+    kv_cache_dtype = property(lambda self: self.local.kv_cache_dtype)
+    quantization = property(lambda self: self.local.quantization)
     dtype = property(lambda self: self.local.dtype)
     device = property(lambda self: self.local.device)
     block_size = property(lambda self: self.local.block_size)

@@ -100,8 +100,9 @@ def measure_transfers(runner: ModelRunner, counts: Sequence[int], iters: int, wa
 
     num_blocks = max(counts)
     shape = (num_blocks, *runner.kv_block_shape)
-    local = torch.zeros(shape, dtype=runner.dtype, device=runner.device)
-    remote = torch.ones(shape, dtype=runner.dtype, device=runner.device)
+    # Blocks of the cache's own dtype (an fp8 cache moves half of bf16's bytes).
+    local = torch.zeros(shape, dtype=runner.kv_cache_dtype, device=runner.device)
+    remote = torch.ones(shape, dtype=runner.kv_cache_dtype, device=runner.device)
     layout = KVLayout.from_kv_cache(local, model="profile")
     rows = []
     with KVTransferAgent("profile-decode", local, layout) as reader, KVTransferAgent("profile-prefill", remote, layout) as target:

@@ -52,7 +52,7 @@ class EngineRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ...) -> None: ...
 
 class KVLayout(_message.Message):
-    __slots__ = ("model", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "tp_size", "layout", "total_num_kv_heads")
+    __slots__ = ("model", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "tp_size", "layout", "total_num_kv_heads", "kv_scales")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class KVLayout(_message.Message):
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    KV_SCALES_FIELD_NUMBER: _ClassVar[int]
     model: str
     dtype: str
     block_size: int
@@ -71,7 +72,8 @@ class KVLayout(_message.Message):
     tp_size: int
     layout: str
     total_num_kv_heads: int
-    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., tp_size: _Optional[int] = ..., layout: _Optional[str] = ..., total_num_kv_heads: _Optional[int] = ...) -> None: ...
+    kv_scales: str
+    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., tp_size: _Optional[int] = ..., layout: _Optional[str] = ..., total_num_kv_heads: _Optional[int] = ..., kv_scales: _Optional[str] = ...) -> None: ...
 
 class KVHandle(_message.Message):
     __slots__ = ("worker_id", "address", "agent_name", "block_ids", "num_tokens", "layout", "lease_seconds")
@@ -204,7 +206,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "num_waiting", "num_running", "num_total_blocks", "num_free_blocks", "num_pinned_blocks", "num_prompt_tokens_computed", "num_prefix_hit_tokens", "num_requests_finished", "num_local_prefills", "num_kv_transfers", "num_kv_bytes_transferred")
+    __slots__ = ("worker_id", "role", "num_waiting", "num_running", "num_total_blocks", "num_free_blocks", "num_pinned_blocks", "num_prompt_tokens_computed", "num_prefix_hit_tokens", "num_requests_finished", "num_local_prefills", "num_kv_transfers", "num_kv_bytes_transferred", "num_spec_verifications", "num_spec_draft_tokens", "num_spec_accepted_tokens")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +220,9 @@ class WorkerStats(_message.Message):
     NUM_LOCAL_PREFILLS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_BYTES_TRANSFERRED_FIELD_NUMBER: _ClassVar[int]
+    NUM_SPEC_VERIFICATIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SPEC_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SPEC_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     num_waiting: int
@@ -231,4 +236,7 @@ class WorkerStats(_message.Message):
     num_local_prefills: int
     num_kv_transfers: int
     num_kv_bytes_transferred: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_pinned_blocks: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., num_prefix_hit_tokens: _Optional[int] = ..., num_requests_finished: _Optional[int] = ..., num_local_prefills: _Optional[int] = ..., num_kv_transfers: _Optional[int] = ..., num_kv_bytes_transferred: _Optional[int] = ...) -> None: ...
+    num_spec_verifications: int
+    num_spec_draft_tokens: int
+    num_spec_accepted_tokens: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_pinned_blocks: _Optional[int] = ..., num_prompt_tokens_computed: _Optional[int] = ..., num_prefix_hit_tokens: _Optional[int] = ..., num_requests_finished: _Optional[int] = ..., num_local_prefills: _Optional[int] = ..., num_kv_transfers: _Optional[int] = ..., num_kv_bytes_transferred: _Optional[int] = ..., num_spec_verifications: _Optional[int] = ..., num_spec_draft_tokens: _Optional[int] = ..., num_spec_accepted_tokens: _Optional[int] = ...) -> None: ...

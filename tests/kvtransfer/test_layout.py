@@ -19,6 +19,7 @@ from splitserve.kvtransfer import (
 MISMATCHED = {
     "model": "other-model",
     "dtype": "bfloat16",
+    "kv_scales": "0123456789abcdef",  # an fp8 cache's K/V scales differ: its blocks would be misread
     "block_size": 16,
     "layout": "layer_major",
     "tp_size": 2,

@@ -73,6 +73,10 @@ spec:
             - --max-num-batched-tokens={{ int $pool.maxNumBatchedTokens }}
             {{- $async := toString $pool.asyncScheduling }}
             - --async-scheduling={{ if eq $async "true" }}on{{ else if eq $async "false" }}off{{ else }}{{ $async }}{{ end }}
+            - --kv-cache-dtype={{ $pool.kvCacheDtype | default "auto" }}
+            {{- with $pool.quantization }}
+            - --quantization={{ . }}
+            {{- end }}
             - --control-plane={{ include "splitserve.redisUrl" $ }}
             {{- if include "splitserve.redisPasswordSecretName" $ }}
             - --control-plane-password-env=REDIS_PASSWORD

@@ -30,7 +30,8 @@ from splitserve.services.router.openai.prompts import output_budget, prompt_toke
 from splitserve.services.router.openai.responses import ChatFormatter, CompletionFormatter, Formatter, sse
 from splitserve.services.router.openai.sleep_routes import SleepRoutes
 from splitserve.services.router.openai.tokens import TokenRoutes
-from splitserve.services.router.openai.translate import chat_request, check_logit_bias, completion_request
+from splitserve.services.router.openai.tools import tool_parser
+from splitserve.services.router.openai.translate import chat_request, check_logit_bias, completion_request, constraint_param
 from starlette.exceptions import HTTPException
 
 from splitserve.v1 import generation_pb2 as gen_pb
@@ -49,10 +50,13 @@ _STATUS = {
 _CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, the logs do
 
 
-def from_generate_error(e: GenerateError, prompt_param: str) -> OpenAIError:
+def from_generate_error(e: GenerateError, prompt_param: str, constraint_param: str | None = None) -> OpenAIError:
     status, type_, code = _STATUS.get(e.code, (500, "server_error", "internal_error"))
     param = prompt_param if e.field in ("text", "token_ids", "prompt") else e.field
-    return OpenAIError(status, e.message, type_, param, code)
+    message = e.message
+    if constraint_param is not None and e.field and e.field.startswith("constraint."):  # a schema, regex or grammar that does not compile
+        param, message = constraint_param, constraint_param + message[len(e.field):]
+    return OpenAIError(status, message, type_, param, code)
 
 
 class OpenAIRoutes:
@@ -81,7 +85,7 @@ class OpenAIRoutes:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "draining"}, status_code=503)
 
-    def _model_card(self) -> dict[str, Any]:
+    async def _model_card(self) -> dict[str, Any]:
         s = self.service.settings
         # max_model_len as vLLM reports it; the vocabulary, EOS ids and output cap are splitserve's
         # additions, so a benchmark can draw random prompts without a tokenizer of its own.
@@ -89,14 +93,15 @@ class OpenAIRoutes:
             "id": self.model, "object": "model", "created": self.started, "owned_by": "splitserve", "root": self.model,
             "max_model_len": s.limits.max_model_len, "vocab_size": s.limits.vocab_size,
             "eos_token_ids": list(s.eos_token_ids), "max_tokens_limit": s.limits.max_tokens_limit,
+            **await self.service.pool_dtypes(),  # per pool: {"kv_cache_dtype": {"decode": "float8_e4m3fn"}, ...}
         }
 
     async def list_models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [self._model_card()]}
+        return {"object": "list", "data": [await self._model_card()]}
 
     async def get_model(self, model: str) -> dict[str, Any]:
         self._check_model(model)
-        return self._model_card()
+        return await self._model_card()
 
     async def completions(self, request: Request) -> Response:
         body = await request.body()
@@ -122,7 +127,7 @@ class OpenAIRoutes:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         fmt = CompletionFormatter(self.model, self.service.tokenizer, req.logprobs is not None, include_usage,
                                   echo_logprobs=req.echo and req.logprobs is not None, prompt_logprobs=req.prompt_logprobs is not None)
-        return await self._respond(request, choices, fmt, req.stream, num_prompt_tokens, "prompt")
+        return await self._respond(request, choices, fmt, req.stream, num_prompt_tokens, "prompt", constraint_param(req))
 
     async def chat_completions(self, request: Request) -> Response:
         body = await request.body()
@@ -140,8 +145,9 @@ class OpenAIRoutes:
         message.max_tokens = self._invalid_counted(lambda: output_budget(requested, num_prompt_tokens, self.limits, param))
         choices = [Choice(m, num_prompt_tokens=num_prompt_tokens) for m in _samples(message, req.n)]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        fmt = ChatFormatter(self.model, self.service.tokenizer, req.logprobs, include_usage)
-        return await self._respond(request, choices, fmt, req.stream, num_prompt_tokens, "messages")
+        parser = tool_parser(req.tools, req.tool_choice, settings.architecture)
+        fmt = ChatFormatter(self.model, self.service.tokenizer, req.logprobs, include_usage, tool_parser=parser)
+        return await self._respond(request, choices, fmt, req.stream, num_prompt_tokens, "messages", constraint_param(req))
 
     async def _counted(self, work):
         try:
@@ -162,14 +168,18 @@ class OpenAIRoutes:
             self.metrics.error("model_not_found")
             raise OpenAIError(404, f"the model {model!r} does not exist; this server serves {self.model!r}", param="model", code="model_not_found")
 
-    async def _respond(self, request: Request, choices: list[Choice], fmt: Formatter, stream: bool, prompt_tokens: int, prompt_param: str) -> Response:
+    async def _respond(
+        self, request: Request, choices: list[Choice], fmt: Formatter, stream: bool, prompt_tokens: int, prompt_param: str,
+        constraint_param: str | None = None,
+    ) -> Response:
         try:
             if stream:
-                events = await open_stream(self.service, choices, fmt, prompt_tokens, lambda e: sse(from_generate_error(e, prompt_param).body()))
+                events = await open_stream(self.service, choices, fmt, prompt_tokens,
+                                           lambda e: sse(from_generate_error(e, prompt_param, constraint_param).body()))
                 return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             return await _unless_disconnected(request, self._whole(choices, fmt, prompt_tokens))
         except GenerateError as e:  # refused before the first token: its own status
-            raise from_generate_error(e, prompt_param) from None
+            raise from_generate_error(e, prompt_param, constraint_param) from None
 
     async def _whole(self, choices: list[Choice], fmt: Formatter, prompt_tokens: int) -> Response:
         return JSONResponse(await whole(self.service, choices, fmt, prompt_tokens))

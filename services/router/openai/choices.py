@@ -120,16 +120,19 @@ async def _one(stream: AsyncIterator, message: gen_pb.GenerateResponse | None, f
 
 
 async def _several(streams: list, firsts: list, fmt: Formatter, prompt_tokens: int, error_event: ErrorEvent) -> AsyncIterator[str]:
-    queue: asyncio.Queue[tuple[int, gen_pb.GenerateResponse | GenerateError | None]] = asyncio.Queue()
+    # Bounded: a client that reads slowly must slow the choices' streams down, so that their steps
+    # wait and merge in the router (one event for several tokens) as with one choice; an
+    # unbounded queue read every stream as fast as it came and held all of it for the client.
+    queue: asyncio.Queue[tuple[int, gen_pb.GenerateResponse | Exception | None]] = asyncio.Queue(maxsize=len(streams))
 
     async def pump(index: int, stream: AsyncIterator) -> None:
         async with contextlib.aclosing(stream):
             try:
                 async for message in stream:
-                    queue.put_nowait((index, message))
-            except GenerateError as e:
-                queue.put_nowait((index, e))
-        queue.put_nowait((index, None))
+                    await queue.put((index, message))
+            except Exception as e:  # noqa: BLE001 -- handed to the response, which ends with it (a bug must not hang it)
+                await queue.put((index, e))
+        await queue.put((index, None))
 
     for index, first in enumerate(firsts):
         queue.put_nowait((index, first))
@@ -147,6 +150,8 @@ async def _several(streams: list, firsts: list, fmt: Formatter, prompt_tokens: i
             elif isinstance(item, GenerateError):
                 yield error_event(item)
                 break
+            elif isinstance(item, Exception):
+                raise item
             elif item.HasField("delta"):
                 if (event := fmt.delta_event(item.delta, index)) is not None:
                     yield event

@@ -2,7 +2,9 @@
 
 Types are strict (``"max_tokens": "16"`` is refused, not coerced). Fields this server does not
 know are ignored, as vLLM does: SDKs send newer fields all the time. Fields it knows but
-cannot honour (best_of, tools, streamed prompt logprobs, ...) are refused with a 400 that names them.
+cannot honour (best_of, streamed prompt logprobs, ...) are refused with a 400 that names them.
+Constrained output: response_format (json_object, json_schema) and vLLM's structured_outputs
+(json, regex, choice, grammar, json_object) or its older guided_json/regex/choice/grammar.
 Extensions over OpenAI's API, as vLLM and SGLang spell them: top_k, min_p,
 repetition_penalty, ignore_eos, stop_token_ids, skip_special_tokens; and timeout_seconds,
 a per-request deadline (504 when it passes).
@@ -60,6 +62,14 @@ class OpenAIRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     timeout_seconds: float | None = None
+    # Constrained output (services/router/openai/structured.py): OpenAI's, then vLLM's.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
 
 
 class CompletionRequest(OpenAIRequest):
@@ -91,7 +101,6 @@ class ChatCompletionRequest(OpenAIRequest):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     prompt_logprobs: int | None = None  # vLLM's; refused here (taken on /v1/completions) rather than ignored
     chat_template_kwargs: dict[str, Any] | None = None

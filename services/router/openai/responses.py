@@ -15,6 +15,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from splitserve.services.router.openai.tool_parsers import StreamSplitter, ToolParser
+from splitserve.services.router.openai.tools import RequiredCalls, openai_calls
 from splitserve.v1 import generation_pb2 as gen_pb
 
 FINISH_REASONS = {gen_pb.FINISH_REASON_STOP: "stop", gen_pb.FINISH_REASON_LENGTH: "length", gen_pb.FINISH_REASON_ABORT: "abort"}
@@ -153,6 +155,68 @@ class CompletionFormatter(Formatter):
 
 class ChatFormatter(Formatter):
     id_prefix, object_name, chunk_object_name = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, *args, tool_parser: ToolParser | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tool_parser = tool_parser  # the output may hold tool calls (services/router/openai/tools.py)
+        self._splitters: dict[int, StreamSplitter] = {}
+        self._call_ids: dict[int, str] = {}  # a named function's call, streamed as its arguments come
+
+    def _whole_choice(self, index, c):
+        if self.tool_parser is None or c.final.finish_reason != gen_pb.FINISH_REASON_STOP:
+            return super()._whole_choice(index, c)
+        content, calls = self.tool_parser.parse("".join(c.text))
+        if not calls:
+            return super()._whole_choice(index, c)
+        message = {"role": "assistant", "content": content, "tool_calls": openai_calls(calls)}
+        logprobs = {"content": [self._entry(t) for t in c.tokens]} if self.with_logprobs else None
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": "tool_calls"}
+
+    def delta_event(self, delta, index=0):
+        if self.tool_parser is None:
+            return super().delta_event(delta, index)
+        if isinstance(self.tool_parser, RequiredCalls) and self.tool_parser.function is not None:
+            return self._arguments_event(delta, index)
+        splitter = self._splitters.setdefault(index, StreamSplitter(self.tool_parser))
+        text = splitter.feed(delta.text)
+        logprobs = delta.logprobs if self.with_logprobs else []
+        if not text and not logprobs:
+            return None
+        return sse(self._body(self.chunk_object_name, [self._choice(index, text, logprobs, None, whole=False)], stream=True))
+
+    def _arguments_event(self, delta, index: int) -> str | None:
+        """A named function's output is its arguments' JSON: each delta of it goes out as an
+        arguments fragment, the first with the call's id and name (as OpenAI streams calls)."""
+        if not delta.text:
+            return None
+        call: dict[str, Any] = {"index": 0, "function": {"arguments": delta.text}}
+        if index not in self._call_ids:
+            self._call_ids[index] = f"call_{uuid.uuid4().hex[:24]}"
+            call = {"index": 0, "id": self._call_ids[index], "type": "function",
+                    "function": {"name": self.tool_parser.function, "arguments": delta.text}}
+        choice = {"index": index, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
+        return sse(self._body(self.chunk_object_name, [choice], stream=True))
+
+    def finish_event(self, final, index=0):
+        if self._call_ids.pop(index, None) is not None:  # its arguments went out already
+            if final.finish_reason != gen_pb.FINISH_REASON_STOP:
+                return super().finish_event(final, index)
+            last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+            return sse(self._body(self.chunk_object_name, [last], stream=True))
+        splitter = self._splitters.pop(index, None)
+        if splitter is None:
+            return super().finish_event(final, index)
+        rest, calls = splitter.finish() if final.finish_reason == gen_pb.FINISH_REASON_STOP else (splitter.text[splitter.sent:], [])
+        events = []
+        if rest:
+            events.append(sse(self._body(self.chunk_object_name, [self._choice(index, rest, [], None, whole=False)], stream=True)))
+        for i, call in enumerate(openai_calls(calls)):
+            delta = {"tool_calls": [{"index": i, **call}]}
+            events.append(sse(self._body(self.chunk_object_name, [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}], stream=True)))
+        if not calls:
+            return "".join(events) + super().finish_event(final, index)
+        last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+        return "".join(events) + sse(self._body(self.chunk_object_name, [last], stream=True))
 
     def role_event(self, index: int = 0) -> str:
         """Streams open with the assistant's role, as OpenAI's do."""

@@ -11,6 +11,8 @@ from splitserve.services.router.openai.protocol import (
 )
 from transformers import PreTrainedTokenizerBase
 
+from splitserve.services.router.openai.structured import constraint
+from splitserve.services.router.openai.tools import tool_constraint, tool_parser
 from splitserve.services.router.request_input import ModelLimits
 from splitserve.v1 import generation_pb2 as gen_pb
 
@@ -59,7 +61,18 @@ def _generate_request(req: OpenAIRequest, max_tokens: int | None, logprobs: bool
     if req.timeout_seconds is not None:
         msg.timeout_seconds = req.timeout_seconds
     msg.sampling.logit_bias.update(_logit_bias(req.logit_bias or {}))
+    found = constraint(req, req.response_format)
+    if found is not None:
+        msg.sampling.constraint.CopyFrom(found[0])
     return msg
+
+
+def constraint_param(req: OpenAIRequest) -> str | None:
+    """The OpenAI field the request's constraint came from (for errors found after translation)."""
+    found = constraint(req, req.response_format)
+    if found is None and isinstance(req, ChatCompletionRequest) and (tools := tool_constraint(req.tools, req.tool_choice)) is not None:
+        return tools[2]
+    return found[1] if found is not None else None
 
 
 def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
@@ -104,15 +117,18 @@ def chat_request(
     _check_chat_template_kwargs(req.chat_template_kwargs or {}, trust_chat_template)
     if req.prompt_logprobs is not None:
         raise _unsupported("prompt_logprobs", "is taken on /v1/completions (send the chat prompt's token ids from /tokenize)")
-    if req.tools and req.tool_choice != "none":
-        raise _unsupported("tools", "tool calling is not supported")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise _unsupported("response_format", f"only type 'text' is supported (got {req.response_format.get('type')!r})")
     if req.top_logprobs is not None and not req.logprobs:
         raise OpenAIError(400, "top_logprobs: needs logprobs to be true", param="top_logprobs")
     if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
         raise OpenAIError(400, "max_tokens and max_completion_tokens disagree: send one", param="max_completion_tokens")
     msg = _generate_request(req, req.max_completion_tokens or req.max_tokens, req.logprobs, req.top_logprobs or 0)
+    tools = tool_constraint(req.tools, req.tool_choice)
+    if tools is not None:
+        if msg.sampling.HasField("constraint"):
+            raise OpenAIError(400, f"tool_choice: a required tool call cannot be combined with {constraint_param(req)}", param="tool_choice")
+        msg.sampling.constraint.json_schema = tools[1]
+    elif req.tools and req.tool_choice != "none":
+        tool_parser(req.tools, req.tool_choice, "")  # checks the tools' shapes
     msg.token_ids.ids.extend(chat_prompt(req, tokenizer, limits))
     return msg
 
@@ -144,7 +160,8 @@ def chat_prompt(req: ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase, 
         messages.append(message)
     try:
         text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=req.add_generation_prompt, **(req.chat_template_kwargs or {})
+            messages, tools=req.tools if req.tools and req.tool_choice != "none" else None, tokenize=False,
+            add_generation_prompt=req.add_generation_prompt, **(req.chat_template_kwargs or {})
         )
     except Exception as e:  # noqa: BLE001 -- the template's own checks (roles must alternate, ...) or its Jinja errors
         raise OpenAIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
