@@ -74,13 +74,14 @@ def main() -> int:
     p.add_argument("--sync-profile", type=Path, default=None, help="profile of the synchronous engine (default: --profile)")
     p.add_argument("--dispatch-ms", type=float, default=0.0)
     p.add_argument("--stream-ms", type=float, default=0.0)
-    p.add_argument("--stream-token-us", type=float, default=0.0)
+    p.add_argument("--router-message-us", type=float, default=0.0,
+                   help="the router's event loop per admission and per message to a client (splitserve/sim/router_loop.py)")
     p.add_argument("--runs", nargs="*", default=list(RUNS), help="run directories under --results")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--label", default="validation")
     args = p.parse_args()
     profiles = {"async": Profile.load(args.profile), "sync": Profile.load(args.sync_profile or args.profile)}
-    overheads = Overheads(args.dispatch_ms, args.stream_ms, args.stream_token_us)
+    overheads = Overheads(args.dispatch_ms, args.stream_ms, args.router_message_us)
     rows = []
     for run in args.runs:
         summary = json.loads((args.results / run / "summary.json").read_text())

@@ -171,8 +171,10 @@ async def serve_worker(config: WorkerConfig, listen: Listen, tls: TLSConfig | No
     keys = ApiKeys(worker_keys_file, what="worker keys file") if worker_keys_file is not None else None
     worker_key = read_worker_key(worker_keys_file)
     control_plane = await _remote_control_plane(config.control_plane_url, tls, worker_key)
-    name = "splitserve.v1.PrefillWorker" if config.role == "prefill" else "splitserve.v1.DecodeWorker"
-    host = ServiceHost([name], metrics.registry)
+    names = ["splitserve.v1.PrefillWorker"] if config.role == "prefill" else ["splitserve.v1.DecodeWorker"]
+    if config.accepts_prefill:  # mixed role: one engine behind both services
+        names.append("splitserve.v1.PrefillWorker")
+    host = ServiceHost(names, metrics.registry)
     edge = ServiceEdge(host.server, keys, lambda: metrics.error("unauthenticated"), credential="worker key")
     port = host.bind(f"{listen.host}:{listen.port}", tls.server_credentials(verify_clients=True) if tls else None)
     if config.address.endswith(":0"):  # advertise the port actually bound
@@ -184,9 +186,15 @@ async def serve_worker(config: WorkerConfig, listen: Listen, tls: TLSConfig | No
     else:
         service = DecodeService(runtime, security=worker_to_peers(tls, worker_key))
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server(service, edge)
+    helper = None
+    if config.accepts_prefill:
+        helper = PrefillService(runtime)
+        worker_pb2_grpc.add_PrefillWorkerServicer_to_server(helper, edge)
     metrics_port = await host.start(listen.metrics_port)
     await runtime.start()
     await service.start()
+    if helper is not None:
+        await helper.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -205,7 +213,7 @@ async def serve_worker(config: WorkerConfig, listen: Listen, tls: TLSConfig | No
     else:
         # Routers keep writing on their streams while their requests finish (a cancel when a
         # client leaves); a stopping server would fail those writes, so it stops after them.
-        await service.drain(listen.drain_seconds)
+        await asyncio.gather(service.drain(listen.drain_seconds), *([helper.drain()] if helper is not None else []))
         await host.server.stop(1.0)
         await service.close()
     await runtime.stop()

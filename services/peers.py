@@ -40,7 +40,8 @@ class ListedPeers:
             return True
         if age >= self._min_interval_seconds:
             try:
-                workers = await self._control_plane.live_workers("prefill")
+                # Prefill workers, and decode workers in a mixed role (they prefill for others too).
+                workers = [w for w in await self._control_plane.live_workers() if w.info.role == "prefill" or w.info.accepts_prefill]
             except ControlPlaneUnavailable as e:
                 log.warning("cannot check KV peer %s against the registry: %s", worker_id, e)
                 return False

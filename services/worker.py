@@ -35,6 +35,11 @@ class WorkerConfig:
     model_name: str = ""
     tp: TPOptions = TPOptions()  # how the ranks run when engine.parallel.tensor_parallel_size > 1
     capture_graphs_at_start: bool = True  # False: each decode graph is captured when first needed
+    accepts_prefill: bool = False  # decode role only: also serve PrefillWorker for other decode workers (mixed role)
+
+    def __post_init__(self) -> None:
+        if self.accepts_prefill and self.role != "decode":
+            raise ValueError("--accept-prefill is for decode workers (a prefill worker prefills already)")
 
 
 def layout_to_proto(layout: KVLayout) -> worker_pb.KVLayout:
@@ -118,6 +123,7 @@ class WorkerRuntime:
         info = WorkerInfo(
             worker_id=config.worker_id, role=config.role, address=config.address, block_size=config.engine.cache.block_size,
             tp_size=tp_size, model=self.layout.model, kv_cache_dtype=self.layout.dtype, quantization=runner.quantization,
+            accepts_prefill=config.accepts_prefill,
             host_kv_blocks=host_tier.num_blocks if host_tier is not None else 0,
         )
         self.presence = WorkerAgent(

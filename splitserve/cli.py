@@ -197,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_router_security(router)
 
     _add_worker(add_service("prefill", help="a prefill worker"), 50061, 9091)
-    _add_worker(add_service("decode", help="a decode worker"), 50071, 9092)
+    decode = add_service("decode", help="a decode worker")
+    _add_worker(decode, 50071, 9092)
+    decode.add_argument("--accept-prefill", action="store_true",
+                        help="mixed role: also prefill prompts for other decode workers (PrefillWorker on the same port); "
+                        "routers with --placement-profile send it some only while its own batch leaves room")
 
     gen = sub.add_parser("generate", help="stream a completion from a running router")
     gen.add_argument("prompt")
@@ -392,6 +396,7 @@ def _run_worker(args) -> int:
         control_plane_url=_control_plane_url(args),
         capture_graphs_at_start=not args.lazy_graphs,
         heartbeat_ttl_seconds=args.registration_ttl,
+        accepts_prefill=getattr(args, "accept_prefill", False),
     )
     listen = Listen(args.host, args.port, None if args.metrics_port < 0 else args.metrics_port, args.drain_seconds)
     tls = worker_tls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)

@@ -190,16 +190,19 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     def _timeout(deadline: float | None) -> float | None:
         return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
-    async def _prefill(self, prepared: PreparedRequest, block_hashes: list[bytes], deadline: float | None):
+    async def _prefill(self, prepared: PreparedRequest, block_hashes: list[bytes], deadline: float | None, placed=None):
         """Runs the prompt on a prefill worker, trying others when one is down.
 
+        ``placed``: the workers placement chose, tried in that order (a mixed-role decode
+        worker among them); None: the live prefill workers, as the routing policy ranks them.
         Returns (PrefillResponse, worker address) or None when there is no
         prefill worker left (the decode worker then prefills itself).
         """
         tried: set[str] = set()
         request = worker_pb.PrefillRequest(request=prepared.engine_request)
         while True:
-            candidates = [w for w in await self.workers.live("prefill") if w.info.worker_id not in tried]
+            listed = placed if placed is not None else await self.workers.live("prefill")
+            candidates = [w for w in listed if w.info.worker_id not in tried][: 1 if placed is not None else None]
             if not candidates:
                 return None
             tiers = await self.workers.match_prefix_tiers(block_hashes, candidates)
@@ -228,11 +231,14 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         detok = IncrementalDetokenizer(self.tokenizer, prepared.stop, prepared.skip_special_tokens, prompt[-PROMPT_TAIL_TOKENS:])
         progress = DecodeProgress()
         decode_request = worker_pb.DecodeRequest(request=engine_request)
+        avoid = ""
         prefill = None
-        if not should_skip_prefill(len(prompt), self.settings.prefill_threshold) and (
-            self.placer is None or await self.placer.remote(self.workers, self.policy, block_hashes, len(prompt), engine_request.request_id)
-        ):
-            prefill = await self._prefill(prepared, block_hashes, deadline)
+        if not should_skip_prefill(len(prompt), self.settings.prefill_threshold):
+            placed = None
+            if self.placer is not None:
+                placed = await self.placer.place(self.workers, self.policy, block_hashes, len(prompt), engine_request.request_id)
+            if self.placer is None or placed is not None:
+                prefill = await self._prefill(prepared, block_hashes, deadline, placed)
         kv_pinned = prefill is not None and prefill[0].HasField("kv")  # on the prefill worker until decode takes it
         try:
             if prefill is not None:
@@ -248,7 +254,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 decode_request = worker_pb.DecodeRequest(
                     request=engine_request, first_token=response.first_token, kv=response.kv, num_cached_tokens=progress.num_cached
                 )
-            async for message in self._decode(decode_request, prepared, detok, deadline, start, progress):
+                avoid = response.kv.worker_id  # a mixed-role decode worker that prefilled it does not decode it too
+            async for message in self._decode(decode_request, prepared, detok, deadline, start, progress, avoid):
                 yield message
             for message in self._finish(engine_request, prompt, progress, detok):
                 yield message
@@ -257,12 +264,12 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 # Decode never took the KV (it failed, or the client left): unpin it now, not at lease expiry.
                 asyncio.ensure_future(self._release(prefill[1], engine_request.request_id))
 
-    async def _decode(self, decode_request, prepared, detok, deadline, start, progress: DecodeProgress):
+    async def _decode(self, decode_request, prepared, detok, deadline, start, progress: DecodeProgress, avoid: str = ""):
         """Streams the decode worker's tokens as Delta responses, keeping ``progress`` current."""
         with_logprobs = prepared.engine_request.logprobs or prepared.engine_request.top_logprobs > 0
         first_from_decode = progress.num_tokens == 0
         num_blocks = -(-(len(prepared.engine_request.prompt_token_ids) + 1) // self.settings.block_size)
-        decision, updates, batch = await self._open_decode(decode_request, prepared, num_blocks, deadline)
+        decision, updates, batch = await self._open_decode(decode_request, prepared, num_blocks, deadline, avoid)
         last = time.perf_counter()
         tracked = self.workers.index.track(decision.worker_id, num_blocks=num_blocks)
         tracked.__enter__()
@@ -301,7 +308,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             updates.cancel()  # a stop string ended it early, or the client left: the decode worker frees its blocks
         progress.taken = True
 
-    async def _open_decode(self, decode_request, prepared, num_blocks: int, deadline: float | None):
+    async def _open_decode(self, decode_request, prepared, num_blocks: int, deadline: float | None, avoid: str = ""):
         """Starts the request on a decode worker and waits for its first updates.
 
         A worker that refuses it untouched (draining, or full) is set aside and another one
@@ -312,6 +319,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         full = 0  # workers that refused it for a full queue
         while True:
             candidates = [w for w in await self.workers.live("decode") if w.info.worker_id not in tried]
+            candidates = [w for w in candidates if w.info.worker_id != avoid] or candidates
             if not candidates:
                 if full:
                     self.metrics.error("queue_full")

@@ -11,6 +11,13 @@ profile's step model (``splitserve.profile``):
           what its budget leaves beside the running rows; every one of those steps carries
           the running batch, so each running request's inter-token gap is that step.
 
+A decode worker in a mixed role (``--accept-prefill``) may stand in for a prefill worker
+("mixed"): it prefills the prompt in its own steps, beside its own running batch, and the
+chosen decode worker pulls the KV from it. It is a candidate only with headroom
+(``has_headroom``): its own TTFT and ITL estimates for taking the prompt, as ``local``
+prices them on it, both inside the SLOs, and the prompt's blocks free. Its remote TTFT is
+priced the same way, not as an idle prefill worker's.
+
 Each estimate is set against the SLOs (TTFT, and ITL: the longest gap a running request
 may see, this one included); a choice's headroom on a metric is 1 - estimate/SLO. The
 choice whose smaller headroom is larger wins; equal smaller headrooms go to the larger
@@ -38,7 +45,7 @@ from splitserve.services.router.routing import RoutingPolicy
 if TYPE_CHECKING:  # the simulator imports this module without the router's gRPC side
     from splitserve.services.router.workers import WorkerDirectory
 
-WHERE = ("remote", "local")
+WHERE = ("remote", "mixed", "local")
 REASONS = ("no_prefill_worker", "ttft", "itl")
 
 
@@ -121,9 +128,23 @@ class PlacementPolicy:
             done += n
         return total
 
+    def has_headroom(self, helper: LiveWorker, prompt_len: int) -> bool:
+        """Whether a mixed-role decode worker can prefill ``prompt_len`` tokens for another
+        decode worker and still keep its own requests (and this prompt's TTFT) inside the SLOs."""
+        if not helper.info.accepts_prefill:
+            return False
+        blocks = -(-(prompt_len + 1) // helper.info.block_size)
+        if blocks > helper.load.num_free_blocks:
+            return False
+        own = self.estimate_local(PlacementState(prompt_len, None, helper))
+        return all(h > 0 for h, _ in own.headroom(self.slo))
+
     def estimate_remote(self, state: PlacementState) -> Estimate:
-        queued = state.prefill.load.num_tokens_in_flight + state.prompt_len
-        ttft = self._prefill_ms(queued, self.prefill_budget.max_num_batched_tokens)
+        if state.prefill.info.accepts_prefill:  # a mixed worker: its prompt chunks share steps with its own batch
+            ttft = self.estimate_local(PlacementState(state.prompt_len, None, state.prefill)).ttft_ms
+        else:
+            queued = state.prefill.load.num_tokens_in_flight + state.prompt_len
+            ttft = self._prefill_ms(queued, self.prefill_budget.max_num_batched_tokens)
         rows = state.decode.load.num_running + state.decode.load.num_waiting + 1
         step = self.decode_model.step_ms(rows, rows, self._context_tokens(state.decode) + state.prompt_len, 0)
         transfer = self.decode_profile.transfer_model.transfer_ms(self.decode_profile.kv_bytes(state.prompt_len))
@@ -154,7 +175,8 @@ class PlacementPolicy:
         remote_room, local_room = remote.headroom(self.slo), local.headroom(self.slo)
         if [h for h, _ in local_room] > [h for h, _ in remote_room]:
             return Placement("local", _deciding(remote_room, local_room), remote, local)
-        return Placement("remote", _deciding(local_room, remote_room), remote, local)
+        where = "mixed" if state.prefill.info.accepts_prefill else "remote"
+        return Placement(where, _deciding(local_room, remote_room), remote, local)
 
 
 def _deciding(loser: list[tuple[float, str]], winner: list[tuple[float, str]]) -> str:
@@ -181,18 +203,22 @@ class Placer:
         prefill = Profile.load(prefill_profile) if prefill_profile != decode_profile else decode
         return cls(PlacementPolicy(prefill, decode, slo, budget, budget), registry)
 
-    async def remote(self, workers: WorkerDirectory, routing: RoutingPolicy, block_hashes: Sequence[bytes],
-                     num_prompt_tokens: int, request_id: str) -> bool:
-        """True: prefill on a prefill worker. With no live decode worker it says remote and
-        leaves the error to the decode path."""
+    async def place(self, workers: WorkerDirectory, routing: RoutingPolicy, block_hashes: Sequence[bytes],
+                    num_prompt_tokens: int, request_id: str) -> list[LiveWorker] | None:
+        """None: prefill on the decode worker. Otherwise the workers to prefill on, in the
+        routing policy's hands: the prefill workers, and the mixed one placement chose, if
+        any. With no live decode worker it says remote and leaves the error to the decode path."""
         decode_candidates = await workers.live("decode")
+        prefill_workers = await workers.live("prefill")
         if not decode_candidates:
-            return True
+            return prefill_workers
         num_blocks = -(-(num_prompt_tokens + 1) // decode_candidates[0].info.block_size)
         picked = routing.pick_decode(decode_candidates, num_blocks, request_id.encode())
         decode = next(w for w in decode_candidates if w.info.worker_id == picked.worker_id)
+        # Mixed-role decode workers other than the one decoding, only while they have headroom.
+        helpers = [w for w in decode_candidates if w is not decode and self.policy.has_headroom(w, num_prompt_tokens)]
         prefill = None
-        prefill_candidates = await workers.live("prefill")
+        prefill_candidates = prefill_workers + helpers
         if prefill_candidates:
             tiers = await workers.match_prefix_tiers(block_hashes, prefill_candidates)
             matches, host_matches = tiers if tiers is not None else (None, None)
@@ -201,4 +227,7 @@ class Placer:
             num_prompt_tokens -= chosen.num_cached_tokens
         placement = self.policy.decide(PlacementState(max(num_prompt_tokens, 1), prefill, decode))
         self.decisions.labels(placement.where, placement.reason).inc()
-        return placement.where == "remote"
+        if placement.where == "local":
+            return None
+        # The chosen worker first; the prefill workers stay behind it for a retry.
+        return [prefill, *(w for w in prefill_workers if w is not prefill)]

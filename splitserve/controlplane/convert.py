@@ -24,13 +24,15 @@ def info_to_pb(info: WorkerInfo) -> pb.WorkerInfo:
         model=info.model,
         kv_cache_dtype=info.kv_cache_dtype,
         quantization=info.quantization,
+        accepts_prefill=info.accepts_prefill,
         host_kv_blocks=info.host_kv_blocks,
     )
 
 
 def info_from_pb(msg: pb.WorkerInfo) -> WorkerInfo:
     return WorkerInfo(
-        msg.worker_id, msg.role, msg.address, msg.block_size, msg.tp_size, msg.model, msg.kv_cache_dtype, msg.quantization, msg.host_kv_blocks,  # type: ignore[arg-type]
+        msg.worker_id, msg.role, msg.address, msg.block_size, msg.tp_size, msg.model, msg.kv_cache_dtype, msg.quantization,  # type: ignore[arg-type]
+        accepts_prefill=msg.accepts_prefill, host_kv_blocks=msg.host_kv_blocks,
     )
 
 

@@ -40,6 +40,9 @@ class WorkerInfo:
     model: str = ""
     kv_cache_dtype: str = ""  # what the worker's KV cache holds ("" from workers that predate it)
     quantization: str = ""  # its weights': "none" or "fp8"
+    # A decode worker that also takes prefill-only work for other decode workers (mixed role,
+    # --accept-prefill); the router gives it some only while its own batch leaves room.
+    accepts_prefill: bool = False
     host_kv_blocks: int = 0  # blocks of the worker's host KV tier; 0: none
 
     def __post_init__(self) -> None:
@@ -51,6 +54,8 @@ class WorkerInfo:
             raise ValueError(f"host_kv_blocks must not be negative, got {self.host_kv_blocks}")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.accepts_prefill and self.role != "decode":
+            raise ValueError("only a decode worker takes a mixed role (accepts_prefill)")
         if self.block_size <= 0 or self.tp_size <= 0:
             raise ValueError(f"block_size and tp_size must be positive, got {self.block_size}, {self.tp_size}")
 

@@ -11,7 +11,8 @@ from splitserve.planner.decision import Planner
 from splitserve.planner.kube import DeploymentScaler
 from splitserve.planner.loop import PlannerTelemetry, PoolHandle, run_forever, run_once
 from splitserve.planner.policy import POOLS, PolicyError, load_policies
-from splitserve.planner.sources import PodScrapeSource, PrometheusSource
+from splitserve.planner.sources import PodScrapeSource, PrometheusSource, http_get
+from splitserve.planner.split import SplitPlanner, SplitRound, WorkloadMeter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     for pool in POOLS:
         p.add_argument(f"--prometheus-selector-{pool}",
                        help=f'label matcher for the {pool} pods (default: namespace and pod name prefix)')
+    s = p.add_argument_group("split (the simulator sizes both pools for the observed workload)")
+    s.add_argument("--split-profile", help="profile JSON of the workers (splitserve profile); turns the split planner on")
+    s.add_argument("--split-slo", nargs="+", default=["ttft:500", "tpot:25"], metavar="KEY:MS",
+                   help="the SLOs a split is judged by, as bench serve --goodput takes them")
+    s.add_argument("--router-metrics-url", help="the router's /metrics (where the workload is observed), with --split-profile")
+    s.add_argument("--split-min-requests", type=int, default=200, help="finished requests per observation window")
+    s.add_argument("--split-min-attainment", type=float, default=0.95,
+                   help="the smallest budget whose best split keeps this share of requests within the SLOs wins")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then the usual lookup)")
     p.add_argument("--metrics-port", type=int, default=0, help="serve the planner's own /metrics here (0: off)")
     p.add_argument("--dry-run", action="store_true", help="log decisions, change nothing")
@@ -71,6 +80,17 @@ def build_pools(args: argparse.Namespace, apps_api, core_api) -> list[PoolHandle
     return pools
 
 
+def build_split(args: argparse.Namespace, policies) -> SplitRound:
+    from splitserve.bench.metrics import parse_goodput
+    from splitserve.profile.schema import Profile
+
+    planner = SplitPlanner(Profile.load(args.split_profile), parse_goodput(args.split_slo),
+                           min_attainment=args.split_min_attainment)
+    bounds = {pool: (policies[pool].min_replicas, policies[pool].max_replicas) for pool in POOLS}
+    url = args.router_metrics_url
+    return SplitRound(planner, WorkloadMeter(args.split_min_requests), lambda: http_get(url, 5.0), bounds)
+
+
 def run_planner(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -84,13 +104,22 @@ def run_planner(argv: list[str] | None = None) -> int:
     except (PolicyError, OSError) as e:
         parser.error(f"--policy: {e}")
 
+    split = None
+    if args.split_profile:
+        if not args.router_metrics_url:
+            parser.error("--split-profile needs --router-metrics-url")
+        try:
+            split = build_split(args, policies)
+        except (ValueError, OSError) as e:
+            parser.error(f"--split-profile: {e}")
+
     apps_api, core_api = _kubernetes_apis(args.kubeconfig)
     pools = build_pools(args, apps_api, core_api)
     # Samples older than a few rounds mean the source is stuck, not that load is steady.
     planner = Planner(policies, max_sample_age_s=3 * args.interval)
     telemetry = PlannerTelemetry()
     if args.once:
-        for d in run_once(planner, pools, dry_run=args.dry_run, telemetry=telemetry):
+        for d in run_once(planner, pools, dry_run=args.dry_run, telemetry=telemetry, split=split):
             print(f"{d.pool}: {d.current_replicas} -> {d.desired_replicas} ({d.reason})")
         return 0
     if args.metrics_port:
@@ -103,5 +132,5 @@ def run_planner(argv: list[str] | None = None) -> int:
     logging.getLogger("splitserve.planner").info(
         "planning %s in %s every %gs from %s%s", ", ".join(f"{p.name}={p.scaler.name}" for p in pools),
         args.namespace, args.interval, args.metrics_source, " (dry run)" if args.dry_run else "")
-    run_forever(planner, pools, interval_s=args.interval, stop=stop, dry_run=args.dry_run, telemetry=telemetry)
+    run_forever(planner, pools, interval_s=args.interval, stop=stop, dry_run=args.dry_run, telemetry=telemetry, split=split)
     return 0

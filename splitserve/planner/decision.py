@@ -119,6 +119,21 @@ class Planner:
             return self._scale(pool, current_replicas, current_replicas - 1, "all signals below their low marks", now)
         return hold("within targets")
 
+    def decide_to(self, pool: str, desired: int, current_replicas: int, reason: str) -> Decision:
+        """Moves ``pool`` toward a size chosen elsewhere (the split planner), within its bounds
+        and its cooldowns, one step of any size at a time."""
+        policy, state, now = self._policies[pool], self._states[pool], self._clock()
+        desired = min(max(desired, policy.min_replicas), policy.max_replicas)
+        if desired > current_replicas and state.last_scale_up is not None and now - state.last_scale_up < policy.scale_up_cooldown_s:
+            return Decision(pool, current_replicas, current_replicas, f"scale-up cooldown ({reason})")
+        if desired < current_replicas:
+            last_change = max((t for t in (state.last_scale_up, state.last_scale_down) if t is not None), default=None)
+            if last_change is not None and now - last_change < policy.scale_down_cooldown_s:
+                return Decision(pool, current_replicas, current_replicas, f"scale-down cooldown ({reason})")
+        if desired == current_replicas:
+            return Decision(pool, current_replicas, current_replicas, reason)
+        return self._scale(pool, current_replicas, desired, reason, now)
+
     def _smooth(self, policy: PoolPolicy, state: _PoolState, sample: PoolSample) -> dict[str, float | None]:
         values: dict[str, float | None] = {}
         for target in policy.targets:

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from splitserve.planner.decision import Decision, Planner, PoolSample
 from splitserve.planner.kube import Scale
+from splitserve.planner.split import SplitRound
 
 log = logging.getLogger("splitserve.planner")
 
@@ -48,9 +49,11 @@ class PlannerTelemetry:
 
 
 def run_once(planner: Planner, pools: list[PoolHandle], *, dry_run: bool = False,
-             telemetry: PlannerTelemetry | None = None) -> list[Decision]:
-    """One round over all pools; a failing pool is logged and does not stop the others."""
+             telemetry: PlannerTelemetry | None = None, split: SplitRound | None = None) -> list[Decision]:
+    """One round over all pools; a failing pool is logged and does not stop the others.
+    ``split``: the simulator chooses both pools' sizes once it has seen the workload."""
     decisions = []
+    targets = split.desired() if split is not None else None
     for pool in pools:
         try:
             current = pool.scaler.get_scale().replicas
@@ -60,7 +63,10 @@ def run_once(planner: Planner, pools: list[PoolHandle], *, dry_run: bool = False
                 telemetry.errors.labels(pool.name).inc()
             continue
         sample = pool.source.collect()
-        decision = planner.decide(pool.name, sample, current)
+        if targets is not None:
+            decision = planner.decide_to(pool.name, targets[pool.name][0], current, targets[pool.name][1])
+        else:
+            decision = planner.decide(pool.name, sample, current)
         decisions.append(decision)
         if telemetry:
             telemetry.current.labels(pool.name).set(current)
@@ -88,7 +94,7 @@ def run_once(planner: Planner, pools: list[PoolHandle], *, dry_run: bool = False
 
 
 def run_forever(planner: Planner, pools: list[PoolHandle], *, interval_s: float, stop: threading.Event,
-                dry_run: bool = False, telemetry: PlannerTelemetry | None = None) -> None:
+                dry_run: bool = False, telemetry: PlannerTelemetry | None = None, split: SplitRound | None = None) -> None:
     while not stop.is_set():
-        run_once(planner, pools, dry_run=dry_run, telemetry=telemetry)
+        run_once(planner, pools, dry_run=dry_run, telemetry=telemetry, split=split)
         stop.wait(interval_s)

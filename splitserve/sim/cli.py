@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", choices=("remote", "threshold", "adaptive"), default="remote")
     p.add_argument("--prefill-threshold", type=int, default=0, help="with --placement threshold: shorter prompts prefill on the decode worker")
     p.add_argument("--placement-slo", default="ttft:500,itl:50", help="with --placement adaptive: the SLOs placement keeps, ms")
+    p.add_argument("--mixed", action="store_true",
+                   help="with --placement adaptive: decode workers in a mixed role (decode --accept-prefill) prefill for each other "
+                   "while they have headroom")
     e = p.add_argument_group("workers (the flags every worker runs with)")
     e.add_argument("--max-num-seqs", type=int, default=256)
     e.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -40,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-prefix-caching", action="store_true")
     e.add_argument("--dispatch-ms", type=float, default=0.0, help="router -> worker latency per hop")
     e.add_argument("--stream-ms", type=float, default=0.0, help="sampled token -> client latency")
+    e.add_argument("--router-message-us", type=float, default=0.0,
+                   help="the router's event loop per admission and per message to a client; its queue and merging are "
+                   "modelled (splitserve/sim/router_loop.py); 0: left out")
     w = p.add_argument_group("workload (as bench serve takes it; random dataset)")
     w.add_argument("--num-prompts", type=int, default=100)
     w.add_argument("--input-len", type=int, default=1024)
@@ -77,7 +83,8 @@ def layout_from_args(args: argparse.Namespace) -> Layout:
                                  EngineBudget(prefill_limits.max_num_batched_tokens, prefill.block_size),
                                  EngineBudget(limits.max_num_batched_tokens, decode.block_size))
     return Layout(num_prefill, num_decode, prefill if num_prefill else None, decode, limits, prefill_limits,
-                  args.placement, args.prefill_threshold, Overheads(args.dispatch_ms, args.stream_ms), policy)
+                  args.placement, args.prefill_threshold, Overheads(args.dispatch_ms, args.stream_ms, args.router_message_us), policy,
+                  mixed=args.mixed and args.plan_gpus is None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,9 @@ Events, in time order (ties in the order they were scheduled):
   step_end    a worker's step is over: sampled tokens reach the client, finished prompts
               start their KV transfer, and the worker starts its next step if it has work
   landed      a prompt's KV is on the decode worker: the request joins its batch
+  loop        the router's event loop finished one message (with ``router_message_us``):
+              an admission (the request is placed then) or a request's waiting tokens (they
+              reach the client then; a prefill's first token also hands the request to decode)
 
 The router picks workers with the real policy's cost functions
 (``services/router/routing.py``) applied to the simulated workers' load, and, for the
@@ -29,6 +32,7 @@ from splitserve.controlplane.types import LiveWorker, WorkerInfo
 from splitserve.profile.schema import Profile
 from splitserve.services.router.placement import PlacementPolicy, PlacementState
 from splitserve.services.router.routing import CostWeights, PrefixAwarePolicy
+from splitserve.sim.router_loop import RouterLoop
 from splitserve.sim.router_view import RouterView, ViewTiming
 from splitserve.sim.worker import EngineLimits, Job, SimWorker
 from splitserve.sim.workload import SimRequest
@@ -40,12 +44,12 @@ class Overheads:
 
     dispatch_ms: float = 0.0  # router -> worker, per hop (the decode hop after a prefill too)
     stream_ms: float = 0.0  # a sampled token -> the client, when nothing is queued before it
-    # Every token passes one FIFO server on its way out (the router's and the client's event
-    # loops): each costs this much of it, so tokens of large batches queue behind each other.
-    stream_token_us: float = 0.0
+    # The router's event loop (router_loop.py): each admission and each message to a client
+    # costs it this much; 0 leaves it out (every message is sent the moment it exists).
+    router_message_us: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.dispatch_ms < 0 or self.stream_ms < 0 or self.stream_token_us < 0:
+        if self.dispatch_ms < 0 or self.stream_ms < 0 or self.router_message_us < 0:
             raise ValueError(f"overheads must be >= 0: {self}")
 
 
@@ -66,6 +70,7 @@ class Layout:
     prefill_threshold: int = 0
     overheads: Overheads = Overheads()
     placement_policy: PlacementPolicy | None = None  # for "adaptive"
+    mixed: bool = False  # decode workers in a mixed role (--accept-prefill): they prefill for each other too
 
     def __post_init__(self) -> None:
         if self.num_decode < 1 or self.num_prefill < 0:
@@ -76,6 +81,8 @@ class Layout:
             raise ValueError(f"placement must be remote, threshold or adaptive, got {self.placement!r}")
         if self.placement == "adaptive" and self.placement_policy is None:
             raise ValueError("adaptive placement needs a placement_policy")
+        if self.mixed and self.placement != "adaptive":
+            raise ValueError("mixed-role decode workers need adaptive placement (it decides when they have headroom)")
 
     @property
     def num_gpus(self) -> int:
@@ -88,6 +95,8 @@ class _Trace:
     request: SimRequest
     token_times: list = field(default_factory=list)
     num_cached: int = 0
+    handoff: bool = False  # its prompt is done on a prefill worker; decode starts once its first token is sent
+    prefilled_on: str = ""  # the worker that computed its prompt for another (a mixed one never decodes it too)
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,8 @@ class Simulator:
         self._events: list = []
         self._seq = itertools.count()
         self._num_open = 0
-        self._stream_free_at = 0.0
+        message_us = layout.overheads.router_message_us
+        self.loop = RouterLoop(message_us / 1e6) if message_us else None
         self._traces: dict[int, _Trace] = {}
         self._placements: Counter = Counter()
         self._transfers = 0
@@ -154,45 +164,50 @@ class Simulator:
 
     # -- routing ------------------------------------------------------------------------
 
-    def _live(self, worker: SimWorker, role: str) -> LiveWorker:
+    def _live(self, worker: SimWorker) -> LiveWorker:
         load = self.view.load(worker.worker_id) if self.view else worker.load()
-        return LiveWorker(WorkerInfo(worker.worker_id, role, worker.worker_id, worker.limits.block_size), load)
+        mixed = worker.role == "decode" and self.layout.mixed
+        return LiveWorker(WorkerInfo(worker.worker_id, worker.role, worker.worker_id, worker.limits.block_size,
+                                     accepts_prefill=mixed), load)
 
-    def _pick_prefill(self, r: SimRequest) -> SimWorker:
+    def _pick_prefill(self, r: SimRequest, candidates: Sequence[SimWorker] | None = None) -> SimWorker:
+        candidates = self.prefill if candidates is None else candidates
         matches = {w.worker_id: r.prefix_len // w.limits.block_size if r.prefix_id in w.cached_prefixes else 0
-                   for w in self.prefill}
+                   for w in candidates}
         # The first block's hash breaks ties: prompts of one prefix share it, others differ.
         first_block = f"prefix-{r.prefix_id}" if r.prefix_id is not None else f"request-{r.index}"
-        decision = self.policy.pick_prefill([first_block.encode()], [self._live(w, "prefill") for w in self.prefill],
+        decision = self.policy.pick_prefill([first_block.encode()], [self._live(w) for w in candidates],
                                             matches, r.prompt_len)
         return self._by_id[decision.worker_id]
 
-    def _pick_decode(self, r: SimRequest) -> SimWorker:
+    def _pick_decode(self, r: SimRequest, avoid: str = "") -> SimWorker:
         num_blocks = -(-(r.prompt_len + 1) // self.layout.limits.block_size)
-        decision = self.policy.pick_decode([self._live(w, "decode") for w in self.decode], num_blocks, f"sim-{r.index}".encode())
+        candidates = [w for w in self.decode if w.worker_id != avoid] or self.decode
+        decision = self.policy.pick_decode([self._live(w) for w in candidates], num_blocks, f"sim-{r.index}".encode())
         return self._by_id[decision.worker_id]
 
-    def _remote(self, r: SimRequest, decode: SimWorker) -> bool:
+    def _prefill_worker(self, r: SimRequest, decode: SimWorker) -> SimWorker | None:
+        """Where the prompt is prefilled for ``decode`` to decode it; None: on ``decode`` itself."""
         layout = self.layout
-        if not self.prefill:
+        if not self.prefill and not layout.mixed:
             self._placements["colocated"] += 1
-            return False
+            return None
         if layout.placement == "remote":
             self._placements["remote"] += 1
-            return True
+            return self._pick_prefill(r)
         if layout.placement == "threshold":
             remote = r.prompt_len >= layout.prefill_threshold
             self._placements["threshold_remote" if remote else "threshold_local"] += 1
-            return remote
-        prefill = self._pick_prefill(r)
-        state = PlacementState(
-            prompt_len=r.prompt_len,
-            prefill=self._live(prefill, "prefill"),
-            decode=self._live(decode, "decode"),
-        )
-        decision = layout.placement_policy.decide(state)
+            return self._pick_prefill(r) if remote else None
+        policy = layout.placement_policy
+        # As the router's Placer: mixed-role decode workers other than ``decode``, with headroom.
+        helpers = [w for w in self.decode if layout.mixed and w is not decode and policy.has_headroom(self._live(w), r.prompt_len)]
+        candidates = [*self.prefill, *helpers]
+        prefill = self._pick_prefill(r, candidates) if candidates else None
+        state = PlacementState(r.prompt_len, self._live(prefill) if prefill else None, self._live(decode))
+        decision = policy.decide(state)
         self._placements[f"{decision.where}:{decision.reason}"] += 1
-        return decision.where == "remote"
+        return None if decision.where == "local" else prefill
 
     # -- events -------------------------------------------------------------------------
 
@@ -209,17 +224,43 @@ class Simulator:
     def _track(self, worker: SimWorker, job: Job, sign: int) -> None:
         if self.view is None:
             return
-        if worker.role == "prefill":
+        if job.prefill_only:
             self.view.track(worker.worker_id, num_tokens=job.prompt_len, sign=sign)
         else:
             self.view.track(worker.worker_id, num_blocks=-(-(job.prompt_len + 1) // worker.limits.block_size), sign=sign)
 
     def _on_arrive(self, now: float, r: SimRequest) -> None:
+        if self.loop is None:
+            self._place(now, r)
+            return
+        self._loop_at(self.loop.admit(r.index, now))
+
+    def _loop_at(self, time_s: float | None) -> None:
+        if time_s is not None:
+            self._at(time_s, "loop")
+
+    def _on_loop(self, now: float) -> None:
+        served, next_at = self.loop.finish(now)
+        self._loop_at(next_at)
+        trace = self._traces[served.request_id]
+        if served.kind == "admit":
+            self._place(now, trace.request)
+            return
+        self._sent(now, trace, served.num_tokens)
+
+    def _sent(self, now: float, trace: _Trace, num_tokens: int) -> None:
+        """``num_tokens`` of the request's tokens leave the router for its client at ``now``."""
+        trace.token_times.extend([now + self.layout.overheads.stream_ms / 1e3] * num_tokens)
+        if trace.handoff:
+            trace.handoff = False
+            self._start_transfer(now, trace.request, trace.prefilled_on)
+
+    def _place(self, now: float, r: SimRequest) -> None:
         decode = self._pick_decode(r)
         hop = self.layout.overheads.dispatch_ms / 1e3
-        if self._remote(r, decode):
-            job = Job(r.index, r.prompt_len, r.prompt_len + 1, prefix_id=r.prefix_id, prefix_len=r.prefix_len)
-            prefill = self._pick_prefill(r)
+        prefill = self._prefill_worker(r, decode)
+        if prefill is not None:
+            job = Job(r.index, r.prompt_len, r.prompt_len + 1, prefix_id=r.prefix_id, prefix_len=r.prefix_len, prefill_only=True)
             self._track(prefill, job, +1)
             self._at(now + hop, "deliver", prefill, job)
         else:
@@ -246,24 +287,26 @@ class Simulator:
 
     def _on_step_end(self, now: float, worker: SimWorker, result) -> None:
         worker.stepping = False
-        overheads = self.layout.overheads
-        for job in result.sampled:
-            self._stream_free_at = max(now, self._stream_free_at) + overheads.stream_token_us / 1e6
-            self._traces[job.request_id].token_times.append(self._stream_free_at + overheads.stream_ms / 1e3)
-            if worker.role == "decode" and not job.tracked:
-                job.tracked = True  # the router counts it from its first decode token
-                self._track(worker, job, +1)
         for job in result.finished:
             trace = self._traces[job.request_id]
             self._track(worker, job, -1)
-            if worker.role == "prefill" and trace.request.output_len > 1:
-                self._start_transfer(now, trace.request, job)
+            if job.prefill_only and trace.request.output_len > 1:
+                trace.handoff = True  # the router opens the decode side after sending the first token
+                trace.prefilled_on = worker.worker_id
             else:
                 self._num_open -= 1
+        for job in result.sampled:
+            if self.loop is None:
+                self._sent(now, self._traces[job.request_id], 1)
+            else:
+                self._loop_at(self.loop.token(job.request_id, now))
+            if not job.prefill_only and not job.tracked:
+                job.tracked = True  # the router counts it from its first decode token
+                self._track(worker, job, +1)
         self._wake(now, worker)
 
-    def _start_transfer(self, now: float, r: SimRequest, job: Job) -> None:
-        decode = self._pick_decode(r)
+    def _start_transfer(self, now: float, r: SimRequest, prefilled_on: str) -> None:
+        decode = self._pick_decode(r, avoid=prefilled_on)
         profile = self.layout.decode_profile
         transfer = profile.transfer_model.transfer_ms(profile.kv_bytes(r.prompt_len)) / 1e3
         self._transfers += 1

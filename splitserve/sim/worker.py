@@ -47,6 +47,7 @@ class Job:
     prefix_len: int = 0
     eligible_step: int = 0  # the first step (by the worker's count) that may take it
     tracked: bool = False  # the router counts it against this worker
+    prefill_only: bool = False  # its prompt only, for another worker to decode (a prefill or mixed-role worker)
 
     @property
     def num_tokens(self) -> int:

@@ -26,7 +26,7 @@ KV_TIER_GPU: KVTier
 KV_TIER_HOST: KVTier
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "block_size", "tp_size", "model", "kv_cache_dtype", "quantization", "host_kv_blocks")
+    __slots__ = ("worker_id", "role", "address", "block_size", "tp_size", "model", "kv_cache_dtype", "quantization", "accepts_prefill", "host_kv_blocks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class WorkerInfo(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_PREFILL_FIELD_NUMBER: _ClassVar[int]
     HOST_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
@@ -44,8 +45,9 @@ class WorkerInfo(_message.Message):
     model: str
     kv_cache_dtype: str
     quantization: str
+    accepts_prefill: bool
     host_kv_blocks: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., block_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., model: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., host_kv_blocks: _Optional[int] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., block_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., model: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., accepts_prefill: _Optional[bool] = ..., host_kv_blocks: _Optional[int] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("num_waiting", "num_running", "num_tokens_in_flight", "num_free_blocks", "num_total_blocks", "sleeping")

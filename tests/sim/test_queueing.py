@@ -1,6 +1,8 @@
 """The simulator against queueing cases computed by hand: exact times, not tolerances."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from splitserve.bench.metrics import compute_metrics, ttft
@@ -111,3 +113,65 @@ def test_kv_capacity_holds_requests_back():
     requests = [SimRequest(0, 0.0, 40, 2), SimRequest(1, 0.0, 40, 1)]
     result = run(colocated(constant(1.0), num_blocks=4), requests)
     assert [round(ttft(r) * 1e3, 9) for r in result.records] == [1.0, 3.0]
+
+
+def _router_loop(step: StepModel, message_ms: float, **limits) -> Layout:
+    return replace(colocated(step, **limits), overheads=Overheads(router_message_us=message_ms * 1e3))
+
+
+def test_admissions_queue_at_the_router_loop():
+    # 1 ms per message: admitted at 1 and 2 ms. A's step 1-11, its token sent 11-12. B reached the
+    # engine mid-step and joins the next one (11-21), its token sent 21-22. TTFT 12 and 22 ms.
+    requests = [SimRequest(0, 0.0, 32, 1), SimRequest(1, 0.0, 32, 1)]
+    result = run(_router_loop(constant(10.0), 1.0), requests)
+    assert [round(ttft(r) * 1e3, 9) for r in result.records] == [12.0, 22.0]
+
+
+def test_a_busy_router_loop_merges_a_requests_tokens():
+    # 2.5 ms per message, 1 ms steps: admitted at 2.5; tokens sampled at 3.5, 4.5, ..., 7.5. The
+    # first leaves alone (3.5-6.0); the two that came meanwhile leave together (6.0-8.5), then
+    # the last two (8.5-11.0).
+    result = run(_router_loop(constant(1.0), 2.5), [SimRequest(0, 0.0, 10, 5)])
+    assert [round(t * 1e3, 9) for t in result.records[0].chunk_times] == [6.0, 8.5, 8.5, 11.0, 11.0]
+
+
+def test_the_first_token_is_sent_before_the_decode_side_opens():
+    # Disaggregated, 1 ms per message, 1 ms hop, 2 ms steps, 5 ms transfer: admitted at 1, prefill
+    # 2-4, first token sent 4-5, then the decode hop and the transfer land the KV at 11; decode
+    # steps 11-13 and 13-15, each token sent 1 ms after its step.
+    profile = make_profile(constant(2.0), TransferModel(5.0, 1e6))
+    layout = Layout(1, 1, profile, profile, EngineLimits(async_scheduling=False),
+                    overheads=Overheads(dispatch_ms=1.0, router_message_us=1000.0))
+    result = run(layout, [SimRequest(0, 0.0, 100, 3)])
+    assert [round(t * 1e3, 6) for t in result.records[0].chunk_times] == [5.0, 14.0, 16.0]
+
+
+def test_mixed_role_decode_worker_prefills_for_a_busy_one():
+    # Steps: 1 ms + 5 ms per row + 1e-4 ms per causal pair (a 1,000-token prompt: 50 ms), so a
+    # prompt beside many rows stalls them. A 3,000-token request fills a third of one worker's
+    # 400 blocks (so it is the dearer to decode on); ten short ones then go to the other. A
+    # 1,000-token prompt at 2 s: on its decode worker (10 rows) a step of 106 ms breaks the 80 ms
+    # ITL SLO; the worker with one row has the headroom (61 ms): it prefills, the other decodes.
+    from splitserve.services.router.placement import EngineBudget, PlacementPolicy, PlacementSLO
+
+    step = StepModel(1.0, 5.0, 0.0, 0.0, 0.0, 1e-4)
+    profile = make_profile(step, TransferModel(1.0, 1e6))
+    policy = PlacementPolicy(profile, profile, PlacementSLO(ttft_ms=5000.0, itl_ms=80.0), EngineBudget(), EngineBudget())
+    layout = Layout(0, 2, None, profile, EngineLimits(num_blocks=400, async_scheduling=False), placement="adaptive",
+                    placement_policy=policy, mixed=True)
+    requests = [SimRequest(0, 0.0, 3000, 400), *(SimRequest(k, 0.5 + 0.01 * k, 10, 400) for k in range(1, 11)),
+                SimRequest(11, 2.0, 1000, 4)]
+    result = run(layout, requests)
+    assert result.placements["mixed:itl"] == 1
+    assert result.kv_transfers == 1
+    assert sum(result.placements.values()) == len(requests) and "remote:itl" not in result.placements
+    assert all(len(r.chunk_times) == r.max_tokens for r in result.records)
+    # Without the mixed role the prompt is prefilled on the busy worker, inside its ten rows' steps.
+    plain = run(replace(layout, mixed=False), requests)
+    assert plain.kv_transfers == 0 and plain.placements == {"colocated": len(requests)}
+
+    def longest_gap_of_the_short_ones(records) -> float:
+        return max(b - a for r in records[1:11] for a, b in zip(r.chunk_times, r.chunk_times[1:]))
+
+    assert longest_gap_of_the_short_ones(plain.records) > 0.1
+    assert longest_gap_of_the_short_ones(result.records) < 0.08
