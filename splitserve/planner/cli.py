@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "address (its /sleep, /wake_up), and scale up by waking them before adding pods")
     p.add_argument("--sleep-level", type=int, choices=(1, 2), default=1, help="1: weights to host memory; 2: dropped")
     p.add_argument("--max-sleeping", type=int, default=1, help="sleeping workers kept per pool; past it pods are removed")
-    p.add_argument("--router-api-key-file", help="file holding the router's API key, for --sleep-router-url")
+    p.add_argument("--router-api-key-file", help="file holding a worker key (the router's --worker-keys-file), for --sleep-router-url: "
+                   "the sleep routes refuse clients' API keys")
     return p
 
 

@@ -2,7 +2,8 @@
 
 Each names a worker (``worker_id``, as the control plane lists it) and calls that worker's
 Sleep or Wake over gRPC; the worker's next heartbeat (sent at once) takes it out of routing or
-back in. The planner and operators use these; they take the router's API key like every route.
+back in. The planner and operators use these; they take the worker credential (a key of the
+router's --worker-keys-file), never a client's API key: see ``operator_check`` in app.py.
 """
 from __future__ import annotations
 
