@@ -65,6 +65,7 @@ class EngineLoop:
         # Finished requests' intervals, appended by the engine thread and taken by the metrics task.
         self.request_times: collections.deque[RequestTimes] = collections.deque(maxlen=100_000)
         self.error: BaseException | None = None
+        self.refuse_with: Exception | None = None  # set while new requests must be refused (a sleeping worker)
         self.num_finished = 0
 
     def start(self) -> None:
@@ -102,6 +103,8 @@ class EngineLoop:
         """
         if self.error is not None:
             raise RuntimeError(f"engine failed: {self.error}")
+        if self.refuse_with is not None:
+            raise self.refuse_with
         self.engine.validate(prompt_token_ids, params)
         if request_id in self._streams:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
@@ -132,6 +135,23 @@ class EngineLoop:
     def free_quarantined(self, block_ids: list[int]) -> None:
         self._post(("unquarantine", "", block_ids))
 
+    def call(self, fn: Callable[[], object]) -> asyncio.Future:
+        """Runs ``fn()`` on the engine thread between steps; the future (of this event loop) gets its result."""
+        future = self._loop.create_future()
+        self._post(("call", "", fn, future))
+        return future
+
+    def end_all(self, error: Exception) -> int:
+        """Engine thread (through ``call``): ends every request, held ones included, each stream
+        with ``error``; returns how many streams were ended."""
+        request_ids = list(self._streams)
+        for request_id in request_ids:
+            self._send(request_id, error, last=True)
+        for request_id in {*request_ids, *self.engine.scheduler.requests}:
+            self.engine.abort(request_id)
+        self._hand_over()
+        return len(request_ids)
+
     def _post(self, command: tuple) -> None:
         self._commands.put(command)
         self._wake.set()
@@ -156,6 +176,8 @@ class EngineLoop:
                     self._deliver(out)
                 self._hand_over()
                 events = self.engine.block_pool.drain_kv_events()
+                if self.engine.host_tier is not None:
+                    events += [(kind, block_hash, "host") for kind, block_hash in self.engine.host_tier.drain_kv_events()]
                 if events and self.on_kv_events is not None:
                     self._loop.call_soon_threadsafe(self.on_kv_events, events)
                 self._publish_stats()
@@ -187,6 +209,17 @@ class EngineLoop:
                 self.engine.finish_kv_load(request_id, command[2], command[3])
             elif kind == "unquarantine":
                 self.engine.free_quarantined(command[2])
+            elif kind == "call":
+                self._call(command[2], command[3])
+
+    def _call(self, fn: Callable[[], object], future: asyncio.Future) -> None:
+        try:
+            result = fn()
+        except Exception as exc:  # the caller's to handle; the engine goes on
+            self._loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            self._loop.call_soon_threadsafe(_settle, future, result, None)
+        self._publish_stats()
 
     def _start_kv_load(self, load: KVLoad) -> None:
         if self.on_kv_load is None or not load.local_block_ids:
@@ -227,3 +260,12 @@ class EngineLoop:
     def _publish_stats(self) -> None:
         self.stats = self.engine.stats()
         self.request_times.extend(self.engine.drain_request_times())
+
+
+def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    if future.done():
+        return  # its caller went away
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -130,7 +130,7 @@ async def serve_router(config: RouterConfig) -> None:
     if config.http_port is not None:
         from splitserve.services.router.openai import HttpServer, build_app
 
-        app = build_app(service, client_keys, is_serving=lambda: not draining.is_set())
+        app = build_app(service, client_keys, is_serving=lambda: not draining.is_set(), worker_keys=worker_keys)
         try:
             http = HttpServer(app, config.listen.host, config.http_port, config.tls, config.listen.drain_seconds)
         except OSError as e:

@@ -5,6 +5,7 @@ import asyncio
 import itertools
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from splitserve.config import EngineConfig, TransferConfig
@@ -16,6 +17,7 @@ from splitserve.kvtransfer import KVLayout, KVTransferAgent
 from splitserve.parallel import KVAgentSpec, KVGroup, PeerWorker, RankAgent, TPOptions, make_runner
 from splitserve.services.engine_loop import EngineLoop, EngineStats
 from splitserve.services.metrics import ServiceMetrics
+from splitserve.services.sleep import SleepController
 from splitserve.v1 import worker_pb2 as worker_pb
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ class WorkerConfig:
     heartbeat_ttl_seconds: float = DEFAULT_REGISTRATION_TTL_SECONDS
     model_name: str = ""
     tp: TPOptions = TPOptions()  # how the ranks run when engine.parallel.tensor_parallel_size > 1
+    capture_graphs_at_start: bool = True  # False: each decode graph is captured when first needed
     accepts_prefill: bool = False  # decode role only: also serve PrefillWorker for other decode workers (mixed role)
 
     def __post_init__(self) -> None:
@@ -75,11 +78,15 @@ def peer_from_proto(meta: worker_pb.TransferMetadata) -> PeerWorker:
     return PeerWorker(meta.worker_id, layout_from_proto(meta.layout), tuple(ranks or [RankAgent(0, meta.agent_name, meta.agent_metadata)]))
 
 
-def group_kv_events(events: list[tuple[str, bytes]]) -> list[KVEvent]:
-    """One KVEvent per run of the prefix cache's events of one kind, in order. Each is built
-    once: growing one event per block rebuilt and re-checked its hashes, quadratic in the
-    blocks of a step (a tenth of a decode worker's event loop under load on an H100)."""
-    return [KVEvent(kind, tuple(h for _, h in run)) for kind, run in itertools.groupby(events, key=lambda e: e[0])]
+def group_kv_events(events: list[tuple]) -> list[KVEvent]:
+    """One KVEvent per run of the prefix cache's events of one kind and tier, in order: (kind,
+    hash) for the GPU cache, (kind, hash, "host") for the host tier. Each is built once: growing
+    one event per block rebuilt and re-checked its hashes, quadratic in the blocks of a step (a
+    tenth of a decode worker's event loop under load on an H100)."""
+    return [
+        KVEvent(kind, tuple(e[1] for e in run), tier)
+        for (kind, tier), run in itertools.groupby(events, key=lambda e: (e[0], e[2] if len(e) > 2 else "gpu"))
+    ]
 
 
 class WorkerRuntime:
@@ -94,8 +101,11 @@ class WorkerRuntime:
         # TP > 1: this process is rank 0 and starts the other ranks, each with an agent of its own.
         self.engine = engine or LLMEngine(config.engine, make_runner(config.engine, KVAgentSpec(agent_name, model_name), config.tp))
         if engine is None and config.engine.model.device.startswith("cuda"):
-            warm_up(self.engine.runner, config.engine.scheduler.max_num_seqs)
+            warm_up(self.engine.runner, config.engine.scheduler.max_num_seqs, config.capture_graphs_at_start)
         self.engine.block_pool.record_kv_events = True
+        host_tier = self.engine.host_tier
+        if host_tier is not None:
+            host_tier.record_kv_events = True
         self.loop = EngineLoop(self.engine, on_kv_events=self._on_kv_events)
         runner = self.engine.runner
         tp_size = config.engine.parallel.tensor_parallel_size
@@ -114,11 +124,19 @@ class WorkerRuntime:
             worker_id=config.worker_id, role=config.role, address=config.address, block_size=config.engine.cache.block_size,
             tp_size=tp_size, model=self.layout.model, kv_cache_dtype=self.layout.dtype, quantization=runner.quantization,
             accepts_prefill=config.accepts_prefill,
+            host_kv_blocks=host_tier.num_blocks if host_tier is not None else 0,
         )
-        self.presence = WorkerAgent(control_plane, info, self.load, lambda: list(self.engine.block_pool.cached), config.heartbeat_ttl_seconds)
+        self.presence = WorkerAgent(
+            control_plane, info, self.load, lambda: list(self.engine.block_pool.cached), config.heartbeat_ttl_seconds,
+            get_host_block_hashes=host_tier.cached_hashes if host_tier is not None else None,
+        )
         self.control_plane = control_plane
         self.vllm_series = metrics.engine_series(model_name)
         self._tasks: set[asyncio.Task] = set()
+        self.sleep_mode = SleepController(self)
+        # Services add what they must do as the worker falls asleep (after the drain) and wakes.
+        self.on_sleep: list[Callable[[], Awaitable[None]]] = []
+        self.on_wake: list[Callable[[], Awaitable[None]]] = []
 
     async def start(self) -> None:
         self._event_loop = asyncio.get_running_loop()
@@ -160,7 +178,20 @@ class WorkerRuntime:
             num_tokens_in_flight=s.num_tokens_in_flight,
             num_free_blocks=s.num_free_blocks,
             num_total_blocks=s.num_total_blocks,
+            sleeping=self.sleep_mode.sleeping,
         )
+
+    def num_pinned(self) -> int:
+        """Finished requests whose KV is held for another worker to read."""
+        return self.loop.stats.num_held
+
+    async def before_sleep(self) -> None:
+        for hook in self.on_sleep:
+            await hook()
+
+    async def after_wake(self) -> None:
+        for hook in self.on_wake:
+            await hook()
 
     def _on_kv_events(self, events: list[tuple[str, bytes]]) -> None:
         self.spawn(self.presence.publish(group_kv_events(events)))

@@ -13,6 +13,7 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.logs import request_id_var
 from splitserve.parallel import RankFailedError
 from splitserve.services.convert import sampling_params_from_proto
+from splitserve.services.sleep import WorkerAsleepError
 from splitserve.services.worker import WorkerRuntime
 from splitserve.v1 import worker_pb2 as worker_pb
 
@@ -33,7 +34,7 @@ def engine_error_status(error: BaseException, default: grpc.StatusCode) -> Reque
         return RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(error))
     if isinstance(error, QueueFullError):
         return RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
-    if isinstance(error, RankFailedError):  # the worker is going down; another one can serve the request
+    if isinstance(error, (RankFailedError, WorkerAsleepError)):  # the worker is going down or to sleep; another one can serve it
         return RequestFailed(grpc.StatusCode.UNAVAILABLE, str(error))
     if default == grpc.StatusCode.INTERNAL:
         return RequestFailed(default, f"engine failed: {error}")

@@ -34,6 +34,10 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                         "default: the checkpoint's (an FP8 checkpoint stays FP8)")
     p.add_argument("--kv-cache-mb", type=positive_int, default=None, help="KV cache budget (default: 256 on CPU; on CUDA --gpu-memory-utilization of what the weights leave)")
     p.add_argument("--gpu-memory-utilization", type=fraction, default=0.9)
+    p.add_argument("--lazy-graphs", action="store_true",
+                   help="on CUDA: capture each decode graph when a batch first needs it, not before serving (starts faster)")
+    p.add_argument("--host-kv-cache-mb", type=positive_int, default=None,
+                   help="host memory (pinned on CUDA) for prefix blocks evicted from the KV cache; they come back as hits (default: none)")
     p.add_argument("--num-blocks", type=positive_int, default=None, help="fixed number of KV blocks (overrides the budget)")
     p.add_argument("--max-num-seqs", type=positive_int, default=64)
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
@@ -370,6 +374,7 @@ def _run_worker(args) -> int:
             num_blocks=args.num_blocks,
             enable_prefix_caching=not args.no_prefix_caching,
             kv_cache_dtype=args.kv_cache_dtype,
+            host_kv_cache_bytes=args.host_kv_cache_mb * 1024 * 1024 if args.host_kv_cache_mb else None,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
@@ -389,6 +394,7 @@ def _run_worker(args) -> int:
             peer_backoff_seconds=args.kv_peer_backoff, max_peer_backoff_seconds=max(60.0, args.kv_peer_backoff),
         ),
         control_plane_url=_control_plane_url(args),
+        capture_graphs_at_start=not args.lazy_graphs,
         heartbeat_ttl_seconds=args.registration_ttl,
         accepts_prefill=getattr(args, "accept_prefill", False),
     )

@@ -87,10 +87,14 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     num_blocks: int | None = None  # overrides the memory budget when set (tests)
     enable_prefix_caching: bool = True
+    # Bytes of host memory (pinned on CUDA) for prefix blocks the GPU pool evicts; None: no host tier.
+    host_kv_cache_bytes: int | None = None
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
+        if self.host_kv_cache_bytes is not None:
+            _positive("host_kv_cache_bytes", self.host_kv_cache_bytes)
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.kv_cache_bytes is not None:

@@ -16,6 +16,7 @@ from splitserve.services.convert import token_logprob_from_proto
 from splitserve.services.decode.session import RouterSession
 from splitserve.services.peers import ListedPeers
 from splitserve.services.security import ChannelSecurity, dial
+from splitserve.services.sleep_rpc import SleepRPCs
 from splitserve.services.worker import WorkerRuntime, peer_from_proto
 from splitserve.services.worker_calls import RequestFailed, compile_constraint, parse, submit
 from splitserve.v1 import worker_pb2 as worker_pb
@@ -24,7 +25,7 @@ from splitserve.v1 import worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 
-class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
+class DecodeService(SleepRPCs, worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, runtime: WorkerRuntime, security: ChannelSecurity | None = None) -> None:
         self.runtime = runtime
         self.security = security  # TLS to the prefill workers, as the router dials them
@@ -43,6 +44,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.num_transfer_failures = 0
         self.draining = False
         self._sessions: set[RouterSession] = set()
+        runtime.on_wake.append(self._forget_peers)
 
     async def start(self) -> None:
         self.runtime.spawn(self._reclaim())
@@ -259,9 +261,16 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         except grpc.aio.AioRpcError as e:
             log.info("release of %s on %s failed: %s (its lease will expire)", request_id, kv.worker_id, e.code().name)
 
+    async def _forget_peers(self) -> None:
+        """Woken with a new agent: it knows no peer, so every prefill worker is handshaken afresh."""
+        self._handshakes.clear()
+
     async def _reclaim(self) -> None:
         """Blocks of timed-out READs come back once NIXL reports them settled."""
         while True:
+            if self.runtime.sleep_mode.sleeping:  # its agent is closed (the engine freed those blocks)
+                await asyncio.sleep(0.5)
+                continue
             blocks = self.runtime.kv.reclaim()
             if blocks:
                 self.runtime.loop.free_quarantined(blocks)

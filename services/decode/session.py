@@ -93,6 +93,8 @@ class RouterSession:
         try:
             if self.service.draining:
                 raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the decode worker is draining", refused=True)
+            if self.service.runtime.sleep_mode.sleeping:
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, "the decode worker is asleep", refused=True)
             await self.service.start_request(request, RequestSink(self, request_id), still_wanted=lambda: request_id in self.live)
         except RequestFailed as e:
             if request_id in self.live:

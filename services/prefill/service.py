@@ -10,6 +10,7 @@ from splitserve.engine.engine import RequestOutput
 from splitserve.kvtransfer import LeaseTable
 from splitserve.services.convert import token_logprob_to_proto
 from splitserve.services.engine_loop import Finished
+from splitserve.services.sleep_rpc import SleepRPCs
 from splitserve.services.worker import WorkerRuntime
 from splitserve.services.worker_calls import accept, next_output, run_engine_request
 from splitserve.v1 import generation_pb2 as gen_pb
@@ -19,11 +20,12 @@ from splitserve.v1 import worker_pb2_grpc
 log = logging.getLogger(__name__)
 
 
-class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
+class PrefillService(SleepRPCs, worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.runtime = runtime
         self.leases = LeaseTable()
         self.lease_seconds = runtime.config.transfer.lease_seconds
+        runtime.on_sleep.append(self._release_all)
 
     async def start(self) -> None:
         self.runtime.spawn(self._expire_leases())
@@ -102,9 +104,17 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
     async def _watch_notifications(self) -> None:
         """A decode worker's READ landed: its notification names the request, so free at once."""
         while True:
+            if self.runtime.sleep_mode.sleeping:  # its agent is closed, or about to be
+                await asyncio.sleep(0.05)
+                continue
             for note in self.runtime.agent.poll_notifications():
                 self._release(note.message.decode() if isinstance(note.message, bytes) else note.message)
             await asyncio.sleep(0.002)
+
+    async def _release_all(self) -> None:
+        """Falling asleep: KV not read within the drain is let go (its reader will prefill itself)."""
+        for lease in self.leases.expire(now=float("inf")):
+            self.runtime.loop.release(lease.request_id)
 
     async def drain(self) -> None:
         """On shutdown: wait briefly for pinned KV to be read, then release what is left."""

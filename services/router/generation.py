@@ -205,9 +205,10 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             candidates = [w for w in listed if w.info.worker_id not in tried][: 1 if placed is not None else None]
             if not candidates:
                 return None
-            matches = await self.workers.match_prefix(block_hashes, candidates)
+            tiers = await self.workers.match_prefix_tiers(block_hashes, candidates)
             num_prompt = len(prepared.engine_request.prompt_token_ids)
-            decision = self.policy.pick_prefill(block_hashes, candidates, matches, num_prompt)
+            matches, host_matches = tiers if tiers is not None else (None, None)
+            decision = self.policy.pick_prefill(block_hashes, candidates, matches, num_prompt, host_matches)
             log.info("prefill on %s (%s, %d cached tokens expected)", decision.worker_id, decision.reason, decision.num_cached_tokens)
             self.metrics.routing.labels("prefill", decision.policy, decision.reason).inc()
             try:

@@ -89,6 +89,19 @@ class RouterIndex:
         predicted = self._predicted_matches(block_hashes, worker_ids)
         return {w: max(num_matched.get(w, 0), predicted[w]) for w in num_matched}
 
+    def expire(self) -> None:
+        """The next ``candidates`` reads the store afresh (a worker's state just changed through this router)."""
+        self._refreshed_at = None
+
+    async def match_store(self, block_hashes: Sequence[bytes], index_ids: Sequence[str]) -> dict[str, int]:
+        """The store's own ``match_prefix`` (no predictions), for index ids other than workers'
+        (their host tiers); raises ControlPlaneUnavailable."""
+        try:
+            return await self._control_plane.match_prefix(block_hashes, index_ids)
+        except ControlPlaneUnavailable as e:
+            self._lost(e)
+            raise
+
     @contextlib.contextmanager
     def track(
         self, worker_id: str, block_hashes: Sequence[bytes] = (), num_tokens: int = 0, num_blocks: int = 0
@@ -159,6 +172,7 @@ class RouterIndex:
                 num_tokens_in_flight=max(load.num_tokens_in_flight, in_flight.num_tokens),
                 num_free_blocks=load.num_total_blocks - num_used_blocks,
                 num_total_blocks=load.num_total_blocks,
+                sleeping=load.sleeping,
             ),
         )
 

@@ -220,8 +220,9 @@ class Placer:
         prefill = None
         prefill_candidates = prefill_workers + helpers
         if prefill_candidates:
-            matches = await workers.match_prefix(block_hashes, prefill_candidates)
-            chosen = routing.pick_prefill(block_hashes, prefill_candidates, matches, num_prompt_tokens)
+            tiers = await workers.match_prefix_tiers(block_hashes, prefill_candidates)
+            matches, host_matches = tiers if tiers is not None else (None, None)
+            chosen = routing.pick_prefill(block_hashes, prefill_candidates, matches, num_prompt_tokens, host_matches)
             prefill = next(w for w in prefill_candidates if w.info.worker_id == chosen.worker_id)
             num_prompt_tokens -= chosen.num_cached_tokens
         placement = self.policy.decide(PlacementState(max(num_prompt_tokens, 1), prefill, decode))

@@ -57,8 +57,14 @@ class CostWeights:
     # Decode cost: fraction of the KV cache in use once the request is placed,
     # plus decode_request_weight per running or waiting request.
     decode_request_weight: float = 0.02
+    # A prompt token whose KV is on the worker's host tier costs this fraction of computing it:
+    # the copy back. Between a GPU hit (0) and a miss (1); an 8B block of 16 tokens is 2 MiB,
+    # ~0.04-0.1 ms over PCIe against ~0.5 ms to recompute it (an estimate, not a measurement).
+    host_hit_weight: float = 0.1
 
     def __post_init__(self) -> None:
+        if not 0 <= self.host_hit_weight <= 1:
+            raise ValueError("host_hit_weight must be in [0, 1]")
         if self.load_weight < 0 or self.tokens_per_request < 0 or self.decode_request_weight < 0:
             raise ValueError("cost weights must not be negative")
 
@@ -72,8 +78,10 @@ class RoutingPolicy(Protocol):
         candidates: Sequence[LiveWorker],
         matches: Mapping[str, int] | None,
         num_prompt_tokens: int | None = None,
+        host_matches: Mapping[str, int] | None = None,
     ) -> RoutingDecision:
-        """``matches``: worker_id -> leading blocks held (``match_prefix``); None: index unavailable, route by load."""
+        """``matches``: worker_id -> leading blocks held (``match_prefix``); None: index unavailable, route by load.
+        ``host_matches``: how many of those blocks are on the worker's host tier (cost a copy back)."""
         ...
 
     def pick_decode(self, candidates: Sequence[LiveWorker], num_blocks_needed: int, tie_key: bytes = b"") -> RoutingDecision:
@@ -90,11 +98,15 @@ def should_skip_prefill(num_prompt_tokens: int, threshold: int, num_cached_token
     return threshold > 0 and num_prompt_tokens - num_cached_tokens < threshold
 
 
-def prefill_cost(worker: LiveWorker, num_prompt_tokens: int, num_matched_blocks: int, weights: CostWeights) -> float:
+def prefill_cost(
+    worker: LiveWorker, num_prompt_tokens: int, num_matched_blocks: int, weights: CostWeights, num_host_blocks: int = 0
+) -> float:
+    """``num_matched_blocks`` held in either tier, ``num_host_blocks`` of them on the host tier."""
     num_cached_tokens = min(num_matched_blocks * worker.info.block_size, num_prompt_tokens)
+    num_host_tokens = min(num_host_blocks * worker.info.block_size, num_cached_tokens)
     load = worker.load
     num_queued_tokens = load.num_tokens_in_flight + weights.tokens_per_request * (load.num_waiting + load.num_running)
-    return (num_prompt_tokens - num_cached_tokens) + weights.load_weight * num_queued_tokens
+    return (num_prompt_tokens - num_cached_tokens) + weights.host_hit_weight * num_host_tokens + weights.load_weight * num_queued_tokens
 
 
 def decode_cost(worker: LiveWorker, num_blocks_needed: int, weights: CostWeights) -> float:
@@ -126,13 +138,16 @@ class PrefixAwarePolicy:
         candidates: Sequence[LiveWorker],
         matches: Mapping[str, int] | None,
         num_prompt_tokens: int | None = None,
+        host_matches: Mapping[str, int] | None = None,
     ) -> RoutingDecision:
         _require(candidates, "prefill")
         num_matched = matches if matches is not None else {}
+        num_host = host_matches if matches is not None and host_matches is not None else {}
         costs = []
         for worker in candidates:
+            worker_id = worker.info.worker_id
             num_tokens = num_prompt_tokens if num_prompt_tokens is not None else len(block_hashes) * worker.info.block_size
-            costs.append(prefill_cost(worker, num_tokens, num_matched.get(worker.info.worker_id, 0), self.weights))
+            costs.append(prefill_cost(worker, num_tokens, num_matched.get(worker_id, 0), self.weights, num_host.get(worker_id, 0)))
         best_cost = min(costs)
         best = _break_tie([w for w, c in zip(candidates, costs) if c == best_cost], block_hashes[0] if block_hashes else b"")
         num_blocks = num_matched.get(best.info.worker_id, 0)
@@ -171,6 +186,7 @@ class LeastLoadedPolicy(PrefixAwarePolicy):
         candidates: Sequence[LiveWorker],
         matches: Mapping[str, int] | None,
         num_prompt_tokens: int | None = None,
+        host_matches: Mapping[str, int] | None = None,
     ) -> RoutingDecision:
         decision = super().pick_prefill(block_hashes, candidates, None, num_prompt_tokens)
         reason = "least_loaded" if matches is not None else "load_only"
@@ -191,6 +207,7 @@ class RoundRobinPolicy:
         candidates: Sequence[LiveWorker],
         matches: Mapping[str, int] | None,
         num_prompt_tokens: int | None = None,
+        host_matches: Mapping[str, int] | None = None,
     ) -> RoutingDecision:
         worker = self._next("prefill", candidates)
         num_blocks = (matches or {}).get(worker.info.worker_id, 0)

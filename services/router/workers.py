@@ -9,6 +9,8 @@ import grpc
 from splitserve.controlplane import ControlPlane, LiveWorker
 from splitserve.controlplane.interface import DEFAULT_REGISTRATION_TTL_SECONDS
 from splitserve.services.router.decode_streams import DecodeStream
+from splitserve.controlplane.types import ControlPlaneUnavailable
+from splitserve.services.router.host_matches import TierMatches, match_tiers
 from splitserve.services.router.index import RouterIndex
 from splitserve.services.security import ChannelSecurity, dial
 from splitserve.v1 import worker_pb2_grpc
@@ -55,7 +57,8 @@ class WorkerDirectory:
     async def live(self, role: str) -> list[LiveWorker]:
         now = time.monotonic()
         listed = self.continuity.workers(role, await self.index.candidates(role))
-        workers = [w for w in listed if self._same_block_size(w)]
+        # A sleeping worker stays registered (so it can be woken) but takes nothing.
+        workers = [w for w in listed if self._same_block_size(w) and not w.load.sleeping]
         return [w for w in workers if now - self._failed_at.get(w.info.worker_id, -1e9) > self.cooldown_seconds]
 
     def _same_block_size(self, worker: LiveWorker) -> bool:
@@ -72,6 +75,18 @@ class WorkerDirectory:
     async def match_prefix(self, block_hashes: list[bytes], workers: list[LiveWorker]) -> dict[str, int] | None:
         """Prefix matches, or None when the index is unreachable (the policy then routes by load)."""
         return await self.index.match_prefix(block_hashes, [w.info.worker_id for w in workers])
+
+    async def match_prefix_tiers(self, block_hashes: list[bytes], workers: list[LiveWorker]) -> TierMatches | None:
+        """Leading blocks each worker holds in either KV tier, and how many of them are on its
+        host tier; None when the index is unreachable."""
+        gpu = await self.match_prefix(block_hashes, workers)
+        host_workers = {w.info.worker_id for w in workers if w.info.host_kv_blocks}
+        if gpu is None or not host_workers:
+            return None if gpu is None else TierMatches(gpu, dict.fromkeys(gpu, 0))
+        try:
+            return await match_tiers(self.index.match_store, block_hashes, gpu, host_workers)
+        except ControlPlaneUnavailable:
+            return TierMatches(gpu, dict.fromkeys(gpu, 0))
 
     def mark_failed(self, worker_id: str) -> None:
         self._failed_at[worker_id] = time.monotonic()

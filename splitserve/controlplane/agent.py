@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from splitserve.controlplane.interface import DEFAULT_REGISTRATION_TTL_SECONDS, ControlPlane, check_ttl, heartbeat_interval
-from splitserve.controlplane.types import ControlPlaneUnavailable, KVEvent, KVEventKind, WorkerInfo, WorkerLoad
+from splitserve.controlplane.types import ControlPlaneUnavailable, KVEvent, KVEventKind, KVTier, WorkerInfo, WorkerLoad
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +32,16 @@ class WorkerAgent:
         get_load: Callable[[], WorkerLoad],
         get_block_hashes: Callable[[], Iterable[bytes]],
         ttl_seconds: float = DEFAULT_REGISTRATION_TTL_SECONDS,
+        get_host_block_hashes: Callable[[], Iterable[bytes]] | None = None,
     ) -> None:
-        """``get_load`` and ``get_block_hashes`` (every block in the prefix cache) are called on the event loop."""
+        """``get_load``, ``get_block_hashes`` (every block in the prefix cache) and
+        ``get_host_block_hashes`` (every block of the host KV tier, if any) are called on the event loop."""
         check_ttl(ttl_seconds)
         self._control_plane = control_plane
         self._info = info
         self._get_load = get_load
         self._get_block_hashes = get_block_hashes
+        self._get_host_block_hashes = get_host_block_hashes
         self._ttl_seconds = ttl_seconds
         # Publishing and resyncing never interleave, so the index sees the
         # snapshot and the events in the order the cache produced them.
@@ -111,6 +114,11 @@ class WorkerAgent:
                 # vanish from routing a TTL later with nothing in the logs).
                 logger.exception("control plane heartbeat of %s failed", self._info.worker_id)
 
+    async def heartbeat_now(self) -> None:
+        """Sends the load now rather than at the next beat (it changed in a way routers must see soon)."""
+        async with self._lock:
+            await self._beat()
+
     async def _beat(self) -> None:
         if not self._in_sync:
             await self._resync()
@@ -127,9 +135,13 @@ class WorkerAgent:
     async def _resync(self) -> None:
         try:
             await self._control_plane.register(self._info, self._ttl_seconds, self._get_load())
-            block_hashes = iter(self._get_block_hashes())
-            while batch := tuple(itertools.islice(block_hashes, EVENT_BATCH_SIZE)):
-                await self._control_plane.publish_kv_events(self._info.worker_id, [KVEvent.stored(batch)])
+            tiers = [(KVTier.GPU, self._get_block_hashes)]
+            if self._get_host_block_hashes is not None:
+                tiers.append((KVTier.HOST, self._get_host_block_hashes))
+            for tier, get_block_hashes in tiers:
+                block_hashes = iter(get_block_hashes())
+                while batch := tuple(itertools.islice(block_hashes, EVENT_BATCH_SIZE)):
+                    await self._control_plane.publish_kv_events(self._info.worker_id, [KVEvent.stored(batch, tier)])
         except ControlPlaneUnavailable as e:
             self._lost(e)
             return
@@ -152,11 +164,11 @@ def batched_events(events: Sequence[KVEvent], max_block_hashes: int) -> Iterator
         while num_hashes + len(hashes) > max_block_hashes:
             room = max_block_hashes - num_hashes
             if room > 0:
-                batch.append(KVEvent(event.kind, hashes[:room]))
+                batch.append(KVEvent(event.kind, hashes[:room], event.tier))
             yield batch
             batch, num_hashes, hashes = [], 0, hashes[room:]
         if hashes or event.kind is KVEventKind.CLEARED:
-            batch.append(event if hashes is event.block_hashes else KVEvent(event.kind, hashes))
+            batch.append(event if hashes is event.block_hashes else KVEvent(event.kind, hashes, event.tier))
             num_hashes += len(hashes)
     if batch:
         yield batch

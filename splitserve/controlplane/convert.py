@@ -1,7 +1,7 @@
 """Proto messages of the embedded control plane <-> domain objects; nothing else sees the protos."""
 from __future__ import annotations
 
-from splitserve.controlplane.types import KVEvent, KVEventKind, LiveWorker, WorkerInfo, WorkerLoad
+from splitserve.controlplane.types import KVEvent, KVEventKind, KVTier, LiveWorker, WorkerInfo, WorkerLoad
 from splitserve.v1 import controlplane_pb2 as pb
 
 _KIND_TO_PB = {
@@ -10,6 +10,8 @@ _KIND_TO_PB = {
     KVEventKind.CLEARED: pb.KV_EVENT_KIND_CLEARED,
 }
 _KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
+_TIER_TO_PB = {KVTier.GPU: pb.KV_TIER_GPU, KVTier.HOST: pb.KV_TIER_HOST}
+_TIER_FROM_PB = {v: k for k, v in _TIER_TO_PB.items()}
 
 
 def info_to_pb(info: WorkerInfo) -> pb.WorkerInfo:
@@ -23,13 +25,14 @@ def info_to_pb(info: WorkerInfo) -> pb.WorkerInfo:
         kv_cache_dtype=info.kv_cache_dtype,
         quantization=info.quantization,
         accepts_prefill=info.accepts_prefill,
+        host_kv_blocks=info.host_kv_blocks,
     )
 
 
 def info_from_pb(msg: pb.WorkerInfo) -> WorkerInfo:
     return WorkerInfo(
         msg.worker_id, msg.role, msg.address, msg.block_size, msg.tp_size, msg.model, msg.kv_cache_dtype, msg.quantization,  # type: ignore[arg-type]
-        accepts_prefill=msg.accepts_prefill,
+        accepts_prefill=msg.accepts_prefill, host_kv_blocks=msg.host_kv_blocks,
     )
 
 
@@ -40,21 +43,24 @@ def load_to_pb(load: WorkerLoad) -> pb.WorkerLoad:
         num_tokens_in_flight=load.num_tokens_in_flight,
         num_free_blocks=load.num_free_blocks,
         num_total_blocks=load.num_total_blocks,
+        sleeping=load.sleeping,
     )
 
 
 def load_from_pb(msg: pb.WorkerLoad) -> WorkerLoad:
-    return WorkerLoad(msg.num_waiting, msg.num_running, msg.num_tokens_in_flight, msg.num_free_blocks, msg.num_total_blocks)
+    return WorkerLoad(msg.num_waiting, msg.num_running, msg.num_tokens_in_flight, msg.num_free_blocks, msg.num_total_blocks, msg.sleeping)
 
 
 def event_to_pb(event: KVEvent) -> pb.KVEvent:
-    return pb.KVEvent(kind=_KIND_TO_PB[event.kind], block_hashes=event.block_hashes)
+    return pb.KVEvent(kind=_KIND_TO_PB[event.kind], block_hashes=event.block_hashes, tier=_TIER_TO_PB[event.tier])
 
 
 def event_from_pb(msg: pb.KVEvent) -> KVEvent:
     if msg.kind not in _KIND_FROM_PB:
         raise ValueError(f"unknown KV event kind {msg.kind}")
-    return KVEvent(_KIND_FROM_PB[msg.kind], tuple(msg.block_hashes))
+    if msg.tier not in _TIER_FROM_PB:
+        raise ValueError(f"unknown KV tier {msg.tier}")
+    return KVEvent(_KIND_FROM_PB[msg.kind], tuple(msg.block_hashes), _TIER_FROM_PB[msg.tier])
 
 
 def live_worker_to_pb(worker: LiveWorker) -> pb.LiveWorker:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from splitserve.controlplane.interface import ControlPlane, check_ttl
-from splitserve.controlplane.types import KVEvent, KVEventKind, LiveWorker, Role, WorkerInfo, WorkerLoad
+from splitserve.controlplane.types import KVEvent, KVEventKind, KVTier, LiveWorker, Role, WorkerInfo, WorkerLoad, host_index_id, index_owner
 
 
 @dataclass(slots=True)
@@ -64,13 +64,15 @@ class MemoryControlPlane(ControlPlane):
     async def publish_kv_events(self, worker_id: str, events: Sequence[KVEvent]) -> None:
         # Events of an unregistered worker are kept until the next reap, as in
         # Redis; match_prefix only ever counts the workers the router asks about.
+        # A worker's host tier is indexed as a worker of its own (host_index_id), owned by it.
         for event in events:
+            index_id = worker_id if event.tier is KVTier.GPU else host_index_id(worker_id)
             if event.kind is KVEventKind.CLEARED:
                 self._clear_blocks(worker_id)
             elif event.kind is KVEventKind.STORED:
-                self._store_blocks(worker_id, event.block_hashes)
+                self._store_blocks(index_id, event.block_hashes)
             else:
-                self._remove_blocks(worker_id, event.block_hashes)
+                self._remove_blocks(index_id, event.block_hashes)
 
     async def live_workers(self, role: Role | None = None) -> list[LiveWorker]:
         self._reap()
@@ -113,7 +115,7 @@ class MemoryControlPlane(ControlPlane):
         now = self._clock()
         for worker_id in [w for w, r in self._workers.items() if r.expires_at <= now]:
             del self._workers[worker_id]
-        for worker_id in [w for w in self._block_hashes_of if w not in self._workers]:
+        for worker_id in {index_owner(w) for w in self._block_hashes_of if index_owner(w) not in self._workers}:
             self._clear_blocks(worker_id)
 
     def _store_blocks(self, worker_id: str, block_hashes: Iterable[bytes]) -> None:
@@ -145,9 +147,11 @@ class MemoryControlPlane(ControlPlane):
                     del holders_of[block_hash]
 
     def _clear_blocks(self, worker_id: str) -> None:
-        held = self._block_hashes_of.get(worker_id)
-        if held is None:
-            return
-        self._remove_blocks(worker_id, list(held))
-        del self._block_hashes_of[worker_id]
-        self._free_bits.append(self._bit_of.pop(worker_id))
+        """Drops the worker's index entries, both tiers."""
+        for index_id in (worker_id, host_index_id(worker_id)):
+            held = self._block_hashes_of.get(index_id)
+            if held is None:
+                continue
+            self._remove_blocks(index_id, list(held))
+            del self._block_hashes_of[index_id]
+            self._free_bits.append(self._bit_of.pop(index_id))

@@ -7,6 +7,8 @@ restarted router finds the index where it left it. Keys, under a namespace:
     {ns}:worker:{worker_id}       hash {info, load, ttl_ms}, expiring after ttl_ms (PEXPIRE)
     {ns}:worker_blocks:{worker_id} set of the block hashes the worker holds
     {ns}:block:<16 raw bytes>     hash {worker_id: 1} of the workers holding that block
+                                  (a worker's host KV tier is indexed under host_index_id(worker_id),
+                                  cleared and reaped with the worker)
     {ns}:kv_events                stream of every applied event, capped (MAXLEN ~)
     {ns}:epoch                    a random token set by the first client to find it missing: when
                                   it changes, the store was emptied (restarted without its data)
@@ -42,10 +44,12 @@ from splitserve.controlplane.types import (
     ControlPlaneUnavailable,
     KVEvent,
     KVEventKind,
+    KVTier,
     LiveWorker,
     Role,
     WorkerInfo,
     WorkerLoad,
+    host_index_id,
 )
 
 CLEAR_BATCH_SIZE = 1000  # index entries dropped per script call
@@ -129,7 +133,6 @@ class RedisControlPlane(ControlPlane):
             await pipe.execute()
 
     async def publish_kv_events(self, worker_id: str, events: Sequence[KVEvent]) -> None:
-        blocks_key = self._worker_blocks_key(worker_id)
         with self._unavailable_on_error():
             pipe = self._redis.pipeline(transaction=True)
             # Tracked even if unregistered, so the reaper finds these entries.
@@ -142,13 +145,15 @@ class RedisControlPlane(ControlPlane):
                     await self._clear_blocks(worker_id, mode="owner")
                     pipe = self._redis.pipeline(transaction=True)
                 elif event.kind is KVEventKind.STORED and event.block_hashes:
+                    index_id = worker_id if event.tier is KVTier.GPU else host_index_id(worker_id)
                     for block_hash in event.block_hashes:
-                        pipe.hset(self._block_key_prefix + block_hash, worker_id, 1)
-                    pipe.sadd(blocks_key, *event.block_hashes)
+                        pipe.hset(self._block_key_prefix + block_hash, index_id, 1)
+                    pipe.sadd(self._worker_blocks_key(index_id), *event.block_hashes)
                 elif event.block_hashes:
+                    index_id = worker_id if event.tier is KVTier.GPU else host_index_id(worker_id)
                     for block_hash in event.block_hashes:
-                        pipe.hdel(self._block_key_prefix + block_hash, worker_id)
-                    pipe.srem(blocks_key, *event.block_hashes)
+                        pipe.hdel(self._block_key_prefix + block_hash, index_id)
+                    pipe.srem(self._worker_blocks_key(index_id), *event.block_hashes)
                 self._append_event(pipe, worker_id, event)
             await pipe.execute()
 
@@ -216,16 +221,22 @@ class RedisControlPlane(ControlPlane):
             self._reaping.discard(worker_id)
 
     async def _clear_blocks(self, worker_id: str, mode: str) -> bool:
-        """Drops the worker's index entries in batches; False if a 'lapsed' reap found it registered again."""
-        keys = [self._worker_key(worker_id), self._worker_blocks_key(worker_id), self._workers_key]
-        args = [worker_id, self._block_key_prefix, CLEAR_BATCH_SIZE, mode]
-        while True:
-            left = int(await self._clear(keys=keys, args=args))
-            if left <= 0:
-                return left == 0
+        """Drops the worker's index entries (its host tier's first) in batches; False if a
+        'lapsed' reap found it registered again."""
+        for index_id in (host_index_id(worker_id), worker_id):
+            # The host tier's entries never remove the worker from the set of known ids (it has its own).
+            keys = [self._worker_key(worker_id), self._worker_blocks_key(index_id), self._workers_key]
+            args = [index_id, self._block_key_prefix, CLEAR_BATCH_SIZE, mode]
+            while True:
+                left = int(await self._clear(keys=keys, args=args))
+                if left <= 0:
+                    break
+            if left < 0:
+                return False
+        return True
 
     def _append_event(self, pipe: aioredis.client.Pipeline, worker_id: str, event: KVEvent) -> None:
-        fields = {"worker_id": worker_id, "kind": event.kind.value, "block_hashes": b"".join(event.block_hashes)}
+        fields = {"worker_id": worker_id, "kind": event.kind.value, "block_hashes": b"".join(event.block_hashes), "tier": event.tier.value}
         pipe.xadd(self._events_key, fields, maxlen=self._stream_maxlen, approximate=True)
 
     @contextlib.contextmanager
@@ -271,4 +282,5 @@ def _dumps(value: WorkerInfo | WorkerLoad) -> str:
 def _parse_event(fields: dict[bytes, bytes]) -> tuple[str, KVEvent]:
     raw = fields[b"block_hashes"]
     block_hashes = tuple(raw[i : i + BLOCK_HASH_BYTES] for i in range(0, len(raw), BLOCK_HASH_BYTES))
-    return fields[b"worker_id"].decode(), KVEvent(KVEventKind(fields[b"kind"].decode()), block_hashes)
+    tier = KVTier(fields.get(b"tier", b"gpu").decode())
+    return fields[b"worker_id"].decode(), KVEvent(KVEventKind(fields[b"kind"].decode()), block_hashes, tier)

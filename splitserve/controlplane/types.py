@@ -43,10 +43,15 @@ class WorkerInfo:
     # A decode worker that also takes prefill-only work for other decode workers (mixed role,
     # --accept-prefill); the router gives it some only while its own batch leaves room.
     accepts_prefill: bool = False
+    host_kv_blocks: int = 0  # blocks of the worker's host KV tier; 0: none
 
     def __post_init__(self) -> None:
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
+        if "\x00" in self.worker_id:
+            raise ValueError("worker_id must not contain NUL")
+        if self.host_kv_blocks < 0:
+            raise ValueError(f"host_kv_blocks must not be negative, got {self.host_kv_blocks}")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.accepts_prefill and self.role != "decode":
@@ -64,6 +69,7 @@ class WorkerLoad:
     num_tokens_in_flight: int = 0  # accepted prompt tokens not yet computed (queued or mid-prefill)
     num_free_blocks: int = 0
     num_total_blocks: int = 0
+    sleeping: bool = False  # asleep (KV cache freed, weights off the GPU): route nothing to it
 
     def __post_init__(self) -> None:
         for name in ("num_waiting", "num_running", "num_tokens_in_flight", "num_free_blocks", "num_total_blocks"):
@@ -71,6 +77,24 @@ class WorkerLoad:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.num_free_blocks > self.num_total_blocks:
             raise ValueError(f"num_free_blocks {self.num_free_blocks} exceeds num_total_blocks {self.num_total_blocks}")
+
+
+class KVTier(str, enum.Enum):
+    GPU = "gpu"  # the worker's KV cache: a hit costs nothing
+    HOST = "host"  # its host-memory tier: a hit costs a copy back, far less than recomputing
+
+
+def host_index_id(worker_id: str) -> str:
+    """The key a store indexes a worker's host-tier blocks under: a worker of its own to
+    ``match_prefix``, owned by ``worker_id`` (cleared and reaped with it). Not a valid worker id."""
+    return worker_id + HOST_INDEX_SUFFIX
+
+
+HOST_INDEX_SUFFIX = "\x00host"
+
+
+def index_owner(index_id: str) -> str:
+    return index_id.removesuffix(HOST_INDEX_SUFFIX)
 
 
 class KVEventKind(str, enum.Enum):
@@ -83,9 +107,11 @@ class KVEventKind(str, enum.Enum):
 class KVEvent:
     kind: KVEventKind
     block_hashes: tuple[bytes, ...] = ()
+    tier: KVTier = KVTier.GPU  # a CLEARED event empties every tier whatever it says
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", KVEventKind(self.kind))
+        object.__setattr__(self, "tier", KVTier(self.tier))
         object.__setattr__(self, "block_hashes", tuple(self.block_hashes))
         if self.kind is KVEventKind.CLEARED and self.block_hashes:
             raise ValueError("a cleared event carries no block hashes")
@@ -94,12 +120,12 @@ class KVEvent:
                 raise ValueError(f"block hashes are {BLOCK_HASH_BYTES} bytes, got {block_hash!r}")
 
     @classmethod
-    def stored(cls, block_hashes: tuple[bytes, ...] | list[bytes]) -> KVEvent:
-        return cls(KVEventKind.STORED, tuple(block_hashes))
+    def stored(cls, block_hashes: tuple[bytes, ...] | list[bytes], tier: KVTier = KVTier.GPU) -> KVEvent:
+        return cls(KVEventKind.STORED, tuple(block_hashes), tier)
 
     @classmethod
-    def removed(cls, block_hashes: tuple[bytes, ...] | list[bytes]) -> KVEvent:
-        return cls(KVEventKind.REMOVED, tuple(block_hashes))
+    def removed(cls, block_hashes: tuple[bytes, ...] | list[bytes], tier: KVTier = KVTier.GPU) -> KVEvent:
+        return cls(KVEventKind.REMOVED, tuple(block_hashes), tier)
 
     @classmethod
     def cleared(cls) -> KVEvent:

@@ -9,7 +9,7 @@ cached block is evicted first when new blocks are needed.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from splitserve.engine.prefix_hash import BlockHash
 
@@ -75,6 +75,9 @@ class BlockPool:
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[BlockHash, Block] = {}
         self.num_evictions = 0
+        # Called with (block_id, block_hash, token_ids) when a cached block is reused for new
+        # content (the host KV tier keeps a copy); not when the prefix cache is reset.
+        self.on_evict: Callable[[int, BlockHash, tuple[int, ...]], None] | None = None
         # Recorded for the control plane only when a worker asks for them.
         self.record_kv_events = False
         self.kv_events: list[tuple[str, BlockHash]] = []
@@ -130,12 +133,14 @@ class BlockPool:
         """Forgets every cached block not in use; returns the hashes removed."""
         removed = [h for h, b in self.cached.items() if b.ref_cnt == 0]
         for block_hash in removed:
-            self._evict(self.cached[block_hash])
+            self._evict(self.cached[block_hash], reuse=False)
         return removed
 
-    def _evict(self, block: Block) -> None:
+    def _evict(self, block: Block, reuse: bool = True) -> None:
         if block.block_hash is None:
             return
+        if reuse and self.on_evict is not None:
+            self.on_evict(block.block_id, block.block_hash, block.token_ids)
         del self.cached[block.block_hash]
         if self.record_kv_events:
             self.kv_events.append(("removed", block.block_hash))

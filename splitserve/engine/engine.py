@@ -20,6 +20,7 @@ from splitserve.config import EngineConfig
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.errors import InvalidRequestError, QueueFullError
 from splitserve.engine.grammar import GrammarCompiler, GrammarMatchers
+from splitserve.engine.host_tier import make_host_tier
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.model_runner import ModelRunner, Placeholders
 from splitserve.engine.request import PLACEHOLDER, FinishReason, Request, TokenLogprob
@@ -28,6 +29,7 @@ from splitserve.engine.sampling_params import SamplingParams
 from splitserve.engine.scheduler import KVLoad, RemoteKV, Scheduler, SchedulerOutput
 from splitserve.engine.speculative import SpeculativeDecoder
 from splitserve.engine.stats import EngineStats, RequestClock, RequestTimes
+from splitserve.engine.tiered_kv_cache import TieredKVCacheManager
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,12 @@ class LLMEngine:
         self.vocab_size = self.runner.arch.vocab_size
         self.eos_token_ids = self.runner.arch.eos_token_ids
         self.block_pool = BlockPool(self.runner.num_blocks, config.cache.enable_prefix_caching)
-        self.kv_cache_manager = KVCacheManager(self.block_pool, self.block_size)
+        self.host_tier = make_host_tier(config.cache, self.runner, config.parallel.tensor_parallel_size)
+        self.kv_cache_manager = (
+            KVCacheManager(self.block_pool, self.block_size)
+            if self.host_tier is None
+            else TieredKVCacheManager(self.block_pool, self.block_size, self.host_tier)
+        )
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self.sampler = Sampler()
         wanted = config.scheduler.async_scheduling
@@ -213,6 +220,8 @@ class LLMEngine:
 
     def _schedule(self) -> SchedulerOutput:
         out = self.scheduler.schedule()
+        if self.host_tier is not None:  # spills and restores, queued ahead of the step
+            self.host_tier.flush(self.runner.kv_cache)
         # A request leaves the queue when first scheduled: to compute, or to load its KV from elsewhere.
         unscheduled = self._clock.unscheduled
         if unscheduled:

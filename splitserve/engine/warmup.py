@@ -18,10 +18,11 @@ log = logging.getLogger(__name__)
 SCRATCH_TOKENS = 64  # the longest context a warm-up request reaches
 
 
-def warm_up(runner, max_num_seqs: int) -> float:
+def warm_up(runner, max_num_seqs: int, capture_graphs: bool = True) -> float:
     """Runs the warm-up steps through ``runner.execute`` (every TP rank takes part) before the
     engine allocates any block; returns the seconds it took. Workers call it on CUDA only: the
-    CPU path compiles nothing and has no graphs."""
+    CPU path compiles nothing and has no graphs. ``capture_graphs=False`` leaves each decode graph
+    to be captured the first time a batch of its size runs (a faster start; those first steps wait)."""
     local = getattr(runner, "local", runner)  # a TP group's rank 0
     start = time.perf_counter()
     runner.bind_thread()
@@ -41,7 +42,7 @@ def warm_up(runner, max_num_seqs: int) -> float:
     step((16, 0, False))
     step(*[(1, 16, True)] * 16, (17, 0, True))  # a mixed step: 16 decodes and a prefill
     step(*[(2, 0, True)] * 17)
-    graphs = local.graphs
+    graphs = local.graphs if capture_graphs else None
     if graphs is not None:
         for batch in (b for b in graphs.buckets if b <= max_num_seqs):
             step(*[(1, 17, True)] * batch)  # captured on every rank the first time, then replayed

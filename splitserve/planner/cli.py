@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 
+from splitserve.planner.sleep import RouterSleepAPI, SleepFirstScaler
 from splitserve.planner.decision import Planner
 from splitserve.planner.kube import DeploymentScaler
 from splitserve.planner.loop import PlannerTelemetry, PoolHandle, run_forever, run_once
@@ -39,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="log decisions, change nothing")
     p.add_argument("--once", action="store_true", help="run one round and exit")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--sleep-router-url", help="scale down by putting workers to sleep through this router's HTTP "
+                   "address (its /sleep, /wake_up), and scale up by waking them before adding pods")
+    p.add_argument("--sleep-level", type=int, choices=(1, 2), default=1, help="1: weights to host memory; 2: dropped")
+    p.add_argument("--max-sleeping", type=int, default=1, help="sleeping workers kept per pool; past it pods are removed")
+    p.add_argument("--router-api-key-file", help="file holding a worker key (the router's --worker-keys-file), for --sleep-router-url: "
+                   "the sleep routes refuse clients' API keys")
     return p
 
 
@@ -66,6 +73,10 @@ def build_pools(args: argparse.Namespace, apps_api, core_api) -> list[PoolHandle
             source = PrometheusSource(args.prometheus_url, selector, window=f"{max(int(args.interval * 4), 60)}s")
         else:
             source = PodScrapeSource(scaler.list_metrics_targets)
+        if args.sleep_router_url:
+            key = open(args.router_api_key_file).read().strip() if args.router_api_key_file else None
+            scaler = SleepFirstScaler(scaler, RouterSleepAPI(args.sleep_router_url, key), pool,
+                                      level=args.sleep_level, max_sleeping=args.max_sleeping)
         pools.append(PoolHandle(pool, scaler, source))
     return pools
 

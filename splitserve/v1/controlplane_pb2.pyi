@@ -13,13 +13,20 @@ class KVEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KV_EVENT_KIND_STORED: _ClassVar[KVEventKind]
     KV_EVENT_KIND_REMOVED: _ClassVar[KVEventKind]
     KV_EVENT_KIND_CLEARED: _ClassVar[KVEventKind]
+
+class KVTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_TIER_GPU: _ClassVar[KVTier]
+    KV_TIER_HOST: _ClassVar[KVTier]
 KV_EVENT_KIND_UNSPECIFIED: KVEventKind
 KV_EVENT_KIND_STORED: KVEventKind
 KV_EVENT_KIND_REMOVED: KVEventKind
 KV_EVENT_KIND_CLEARED: KVEventKind
+KV_TIER_GPU: KVTier
+KV_TIER_HOST: KVTier
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "block_size", "tp_size", "model", "kv_cache_dtype", "quantization", "accepts_prefill")
+    __slots__ = ("worker_id", "role", "address", "block_size", "tp_size", "model", "kv_cache_dtype", "quantization", "accepts_prefill", "host_kv_blocks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +36,7 @@ class WorkerInfo(_message.Message):
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    HOST_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     address: str
@@ -38,29 +46,34 @@ class WorkerInfo(_message.Message):
     kv_cache_dtype: str
     quantization: str
     accepts_prefill: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., block_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., model: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., accepts_prefill: _Optional[bool] = ...) -> None: ...
+    host_kv_blocks: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., block_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., model: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., accepts_prefill: _Optional[bool] = ..., host_kv_blocks: _Optional[int] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("num_waiting", "num_running", "num_tokens_in_flight", "num_free_blocks", "num_total_blocks")
+    __slots__ = ("num_waiting", "num_running", "num_tokens_in_flight", "num_free_blocks", "num_total_blocks", "sleeping")
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SLEEPING_FIELD_NUMBER: _ClassVar[int]
     num_waiting: int
     num_running: int
     num_tokens_in_flight: int
     num_free_blocks: int
     num_total_blocks: int
-    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_tokens_in_flight: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ...) -> None: ...
+    sleeping: bool
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_tokens_in_flight: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., sleeping: _Optional[bool] = ...) -> None: ...
 
 class KVEvent(_message.Message):
-    __slots__ = ("kind", "block_hashes")
+    __slots__ = ("kind", "block_hashes", "tier")
     KIND_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     kind: KVEventKind
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, kind: _Optional[_Union[KVEventKind, str]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    tier: KVTier
+    def __init__(self, kind: _Optional[_Union[KVEventKind, str]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., tier: _Optional[_Union[KVTier, str]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ()

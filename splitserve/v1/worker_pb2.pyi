@@ -7,6 +7,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SleepRequest(_message.Message):
+    __slots__ = ("level", "drain_seconds")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    level: int
+    drain_seconds: float
+    def __init__(self, level: _Optional[int] = ..., drain_seconds: _Optional[float] = ...) -> None: ...
+
+class WakeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SleepResponse(_message.Message):
+    __slots__ = ("level", "seconds", "num_ended")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ENDED_FIELD_NUMBER: _ClassVar[int]
+    level: int
+    seconds: float
+    num_ended: int
+    def __init__(self, level: _Optional[int] = ..., seconds: _Optional[float] = ..., num_ended: _Optional[int] = ...) -> None: ...
+
 class EngineRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "max_tokens", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs", "prompt_logprobs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,16 @@ class PrefillWorkerStub:
                 request_serializer=splitserve_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_worker__pb2.WorkerStats.FromString,
                 _registered_method=True)
+        self.Sleep = channel.unary_unary(
+                '/splitserve.v1.PrefillWorker/Sleep',
+                request_serializer=splitserve_dot_v1_dot_worker__pb2.SleepRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_worker__pb2.SleepResponse.FromString,
+                _registered_method=True)
+        self.Wake = channel.unary_unary(
+                '/splitserve.v1.PrefillWorker/Wake',
+                request_serializer=splitserve_dot_v1_dot_worker__pb2.WakeRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_worker__pb2.SleepResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillWorkerServicer:
@@ -97,6 +107,19 @@ class PrefillWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sleep(self, request, context):
+        """Sleep mode (see SleepRequest); FAILED_PRECONDITION when already asleep, or awake for Wake.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Wake(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +147,16 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=splitserve_dot_v1_dot_worker__pb2.StatsRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_worker__pb2.WorkerStats.SerializeToString,
+            ),
+            'Sleep': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sleep,
+                    request_deserializer=splitserve_dot_v1_dot_worker__pb2.SleepRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_worker__pb2.SleepResponse.SerializeToString,
+            ),
+            'Wake': grpc.unary_unary_rpc_method_handler(
+                    servicer.Wake,
+                    request_deserializer=splitserve_dot_v1_dot_worker__pb2.WakeRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_worker__pb2.SleepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +304,60 @@ class PrefillWorker:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Sleep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.PrefillWorker/Sleep',
+            splitserve_dot_v1_dot_worker__pb2.SleepRequest.SerializeToString,
+            splitserve_dot_v1_dot_worker__pb2.SleepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Wake(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.PrefillWorker/Wake',
+            splitserve_dot_v1_dot_worker__pb2.WakeRequest.SerializeToString,
+            splitserve_dot_v1_dot_worker__pb2.SleepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class DecodeWorkerStub:
     """Missing associated documentation comment in .proto file."""
@@ -295,6 +382,16 @@ class DecodeWorkerStub:
                 '/splitserve.v1.DecodeWorker/GetStats',
                 request_serializer=splitserve_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_worker__pb2.WorkerStats.FromString,
+                _registered_method=True)
+        self.Sleep = channel.unary_unary(
+                '/splitserve.v1.DecodeWorker/Sleep',
+                request_serializer=splitserve_dot_v1_dot_worker__pb2.SleepRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_worker__pb2.SleepResponse.FromString,
+                _registered_method=True)
+        self.Wake = channel.unary_unary(
+                '/splitserve.v1.DecodeWorker/Wake',
+                request_serializer=splitserve_dot_v1_dot_worker__pb2.WakeRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_worker__pb2.SleepResponse.FromString,
                 _registered_method=True)
 
 
@@ -324,6 +421,18 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sleep(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Wake(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -341,6 +450,16 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=splitserve_dot_v1_dot_worker__pb2.StatsRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_worker__pb2.WorkerStats.SerializeToString,
+            ),
+            'Sleep': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sleep,
+                    request_deserializer=splitserve_dot_v1_dot_worker__pb2.SleepRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_worker__pb2.SleepResponse.SerializeToString,
+            ),
+            'Wake': grpc.unary_unary_rpc_method_handler(
+                    servicer.Wake,
+                    request_deserializer=splitserve_dot_v1_dot_worker__pb2.WakeRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_worker__pb2.SleepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -424,6 +543,60 @@ class DecodeWorker:
             '/splitserve.v1.DecodeWorker/GetStats',
             splitserve_dot_v1_dot_worker__pb2.StatsRequest.SerializeToString,
             splitserve_dot_v1_dot_worker__pb2.WorkerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sleep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.DecodeWorker/Sleep',
+            splitserve_dot_v1_dot_worker__pb2.SleepRequest.SerializeToString,
+            splitserve_dot_v1_dot_worker__pb2.SleepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Wake(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.DecodeWorker/Wake',
+            splitserve_dot_v1_dot_worker__pb2.WakeRequest.SerializeToString,
+            splitserve_dot_v1_dot_worker__pb2.SleepResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -99,6 +99,20 @@ def _served_meanwhile(client: Client, attack) -> tuple[float, object]:
 # -- separate identities ------------------------------------------------------------------
 
 
+def test_the_sleep_routes_take_the_worker_key_never_a_client_key(cluster):
+    """Sleep and wake decide which workers serve: a client's API key must not reach them."""
+    root = cluster.router.http_url.removesuffix("/v1")
+    for key in (None, CLIENT_KEY):
+        for method, path, body in (("POST", "/sleep", {"worker_id": "decode-h"}), ("POST", "/wake_up", {"worker_id": "decode-h"}),
+                                   ("GET", "/is_sleeping", None)):
+            r = httpx.request(method, f"{root}{path}", json=body, headers=dict(_auth(key)), timeout=30)
+            assert r.status_code == 401, (path, key, r.text)
+    r = httpx.get(f"{root}/is_sleeping", headers=dict(_auth(WORKER_KEY)), timeout=30)
+    assert r.status_code == 200 and {w["worker_id"]: w["is_sleeping"] for w in r.json()["workers"]} == {"prefill-h": False, "decode-h": False}
+    # The client key still serves requests, and no worker was put to sleep by the refused calls.
+    assert httpx.get(f"{root}/v1/models", headers=dict(_auth(CLIENT_KEY)), timeout=30).status_code == 200
+
+
 def test_a_client_key_opens_neither_the_control_plane_nor_the_workers(cluster):
     info = cp_pb.WorkerInfo(worker_id="fake-prefill", role="prefill", address="127.0.0.1:1", block_size=16, tp_size=1)
     calls = {

@@ -28,6 +28,7 @@ from splitserve.services.router.openai.protocol import (
 from splitserve.services.router.openai.choices import Choice, open_stream, whole
 from splitserve.services.router.openai.prompts import output_budget, prompt_token_ids
 from splitserve.services.router.openai.responses import ChatFormatter, CompletionFormatter, Formatter, sse
+from splitserve.services.router.openai.sleep_routes import SleepRoutes
 from splitserve.services.router.openai.tokens import TokenRoutes
 from splitserve.services.router.openai.tools import tool_parser
 from splitserve.services.router.openai.translate import chat_request, check_logit_bias, completion_request, constraint_param
@@ -223,7 +224,29 @@ def _error_response(e: OpenAIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-def build_app(service: GenerationService, keys: ApiKeys | None, is_serving: Callable[[], bool]) -> FastAPI:
+def operator_check(client_keys: ApiKeys | None, worker_keys: ApiKeys | None, metrics) -> Callable:
+    """The sleep-mode routes change which workers serve: they take the worker credential, never a
+    client's key. A router with client keys and no worker keys serves them to nobody; a router
+    without any keys (loopback, a laptop) leaves them open like everything else."""
+
+    async def check(request: Request) -> None:
+        if worker_keys is None and client_keys is None:
+            return
+        if worker_keys is None:
+            metrics.error("unauthenticated")
+            raise OpenAIError(403, f"{request.url.path} takes the worker credential, and this router has none (--worker-keys-file)",
+                              code="permission_denied")
+        key = bearer(request.headers.get("authorization"))
+        if not worker_keys.check(key):
+            metrics.error("unauthenticated")
+            raise OpenAIError(401, f"{request.url.path} takes a worker key (a client's API key is not one)", code="invalid_api_key")
+
+    return check
+
+
+def build_app(service: GenerationService, keys: ApiKeys | None, is_serving: Callable[[], bool],
+              worker_keys: ApiKeys | None = None) -> FastAPI:
+    """``worker_keys``: the worker credential, which the sleep-mode routes take instead of a client's key."""
     routes = OpenAIRoutes(service, keys, is_serving)
     app = FastAPI(title="splitserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=service.settings.limits.max_request_bytes)
@@ -239,6 +262,11 @@ def build_app(service: GenerationService, keys: ApiKeys | None, is_serving: Call
     app.add_api_route("/detokenize", tokens.detokenize, methods=["POST"], dependencies=[Depends(routes.authenticate)])
     app.add_api_route("/version", tokens.get_version, methods=["GET"])
     app.add_api_route("/metrics", tokens.metrics, methods=["GET"])
+    sleep = SleepRoutes(service.workers)
+    auth = [Depends(operator_check(keys, worker_keys, routes.metrics))]
+    app.add_api_route("/sleep", sleep.sleep, methods=["POST"], dependencies=auth)
+    app.add_api_route("/wake_up", sleep.wake_up, methods=["POST"], dependencies=auth)
+    app.add_api_route("/is_sleeping", sleep.is_sleeping, methods=["GET"], dependencies=auth)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, e: OpenAIError) -> JSONResponse:
