@@ -30,3 +30,18 @@ def test_fp8_is_set_per_pool(chart):
 def test_unknown_values_are_refused(chart, key, value):
     with pytest.raises(Exception, match=key):
         chart.render({"decode": {key: value}}, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_host_kv_tier_and_mixed_role_flags(chart):
+    manifests = render(chart, {"prefill": {"hostKVCacheMB": 4096}, "decode": {"hostKVCacheMB": 1024, "acceptPrefill": True}})
+    prefill, decode = container(manifests, "prefill"), container(manifests, "decode")
+    assert flags(prefill)["host-kv-cache-mb"] == "4096" and flags(decode)["host-kv-cache-mb"] == "1024"
+    assert "--accept-prefill" in decode["args"] and "--accept-prefill" not in prefill["args"]
+    defaults = render(chart, {})
+    for component in ("prefill", "decode"):
+        c = container(defaults, component)
+        assert "host-kv-cache-mb" not in flags(c) and "--accept-prefill" not in c["args"]
+    with pytest.raises(Exception, match="only a decode pool"):
+        chart.render({"prefill": {"acceptPrefill": True}}, name=RELEASE, namespace=NAMESPACE)
+    with pytest.raises(Exception, match="hostKVCacheMB"):
+        chart.render({"decode": {"hostKVCacheMB": -1}}, name=RELEASE, namespace=NAMESPACE)

@@ -74,6 +74,15 @@ spec:
             {{- $async := toString $pool.asyncScheduling }}
             - --async-scheduling={{ if eq $async "true" }}on{{ else if eq $async "false" }}off{{ else }}{{ $async }}{{ end }}
             - --kv-cache-dtype={{ $pool.kvCacheDtype | default "auto" }}
+            {{- if gt (int ($pool.hostKVCacheMB | default 0)) 0 }}
+            - --host-kv-cache-mb={{ int $pool.hostKVCacheMB }}
+            {{- end }}
+            {{- if $pool.acceptPrefill }}
+            {{- if ne .component "decode" }}
+            {{- fail (printf "%s.acceptPrefill: only a decode pool can take prefill work for others" .component) }}
+            {{- end }}
+            - --accept-prefill
+            {{- end }}
             {{- with $pool.quantization }}
             - --quantization={{ . }}
             {{- end }}
