@@ -203,3 +203,19 @@ class UpProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
             return None
+
+
+def complete_concurrently(address: str, prompts: list[list[int]], max_tokens: list[int], timeout: float = 120) -> list:
+    """Sends every prompt at once (ignore_eos, so each makes exactly its max_tokens) and returns the Completions in order."""
+    import asyncio
+
+    from splitserve.client import AsyncClient
+
+    async def run():
+        client = AsyncClient(address)
+        try:
+            return await asyncio.gather(*(client.complete(p, max_tokens=m, ignore_eos=True, timeout=timeout) for p, m in zip(prompts, max_tokens)))
+        finally:
+            await client.close()
+
+    return asyncio.run(run())

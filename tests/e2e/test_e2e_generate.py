@@ -15,8 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoTokenizer
 
-from splitserve.testing.cluster import Cluster, wait_until
-from splitserve.client import AsyncClient, Client, build_request
+from splitserve.testing.cluster import Cluster, complete_concurrently, wait_until
+from splitserve.client import Client, build_request
 from splitserve.v1 import generation_pb2 as gen_pb
 from splitserve.v1 import generation_pb2_grpc
 
@@ -54,17 +54,7 @@ def test_32_concurrent_streams_are_token_exact(cluster, reference):
     vocab = Client(cluster.address).model_info().vocab_size
     prompts = [[rng.randrange(3, vocab) for _ in range(rng.randrange(1, 90))] for _ in range(32)]
     max_tokens = [rng.randrange(1, 24) for _ in prompts]
-
-    async def run():
-        client = AsyncClient(cluster.address)
-        try:
-            return await asyncio.gather(
-                *(client.complete(p, max_tokens=m, ignore_eos=True, timeout=120) for p, m in zip(prompts, max_tokens))
-            )
-        finally:
-            await client.close()
-
-    results = asyncio.run(run())
+    results = complete_concurrently(cluster.address, prompts, max_tokens)
     for prompt, m, result in zip(prompts, max_tokens, results):
         assert result.token_ids == reference(prompt, m)
         assert result.completion_tokens == m == len(result.token_ids)

@@ -17,16 +17,22 @@ from splitserve.testing.cluster import Cluster, wait_until
 PROMPT = list(range(3, 203))  # 200 tokens: 200 ms of prefill by the profile, above the 50 ms ITL SLO
 
 
-@pytest.fixture(scope="module")
-def cluster(e2e_model_dir, tmp_path_factory):
+def profile_file(folder) -> str:
+    """A profile of round numbers: 1 ms per prompt token, 1 ms of weights per step, 5 ms + 1 ms/MB per transfer."""
     profile = Profile(
         source="derived", device="test", model=ModelShape("tiny", 2, 1, 8, "float32", 64), tp_size=1, block_size=16,
         transport="test", prefill=(), decode=(), transfer=(),
         step_model=StepModel(weight_ms=1.0, seq_ms=0.0, kv_ms_per_token=0.0, compute_base_ms=0.0, token_ms=1.0, pair_ms=0.0),
         transfer_model=TransferModel(5.0, 1.0),
     )
-    path = tmp_path_factory.mktemp("placement") / "profile.json"
+    path = folder / "profile.json"
     profile.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cluster(e2e_model_dir, tmp_path_factory):
+    path = profile_file(tmp_path_factory.mktemp("placement"))
     cluster = Cluster(e2e_model_dir, ["--placement-profile", str(path), "--placement-slo", "ttft:500,itl:50"],
                       ["--num-blocks", "512"])
     try:

@@ -12,22 +12,13 @@ from __future__ import annotations
 import pytest
 
 from splitserve.client import Client
-from splitserve.profile.schema import ModelShape, Profile
-from splitserve.profile.step_model import StepModel, TransferModel
 from splitserve.testing.cluster import Cluster, wait_until
-from test_e2e_placement import PROMPT, _placements
+from test_e2e_placement import PROMPT, _placements, profile_file
 
 
 @pytest.fixture(scope="module")
 def cluster(e2e_model_dir, tmp_path_factory):
-    profile = Profile(
-        source="derived", device="test", model=ModelShape("tiny", 2, 1, 8, "float32", 64), tp_size=1, block_size=16,
-        transport="test", prefill=(), decode=(), transfer=(),
-        step_model=StepModel(weight_ms=1.0, seq_ms=0.0, kv_ms_per_token=0.0, compute_base_ms=0.0, token_ms=1.0, pair_ms=0.0),
-        transfer_model=TransferModel(5.0, 1.0),
-    )
-    path = tmp_path_factory.mktemp("placement_mixed") / "profile.json"
-    profile.save(path)
+    path = profile_file(tmp_path_factory.mktemp("placement_mixed"))
     cluster = Cluster(e2e_model_dir, ["--placement-profile", str(path), "--placement-slo", "ttft:500,itl:50"])
     try:
         cluster.add_workers(("decode", "decode-0", ["--num-blocks", "512"]),

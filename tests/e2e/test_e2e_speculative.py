@@ -4,13 +4,11 @@ the prompts that arrive as KV). Greedy output through the public API is transfor
 for token, the decode worker reports proposals and acceptances, and every block comes back."""
 from __future__ import annotations
 
-import asyncio
 import random
 
 import pytest
 
-from splitserve.client import AsyncClient
-from splitserve.testing.cluster import Cluster, wait_until
+from splitserve.testing.cluster import Cluster, complete_concurrently, wait_until
 
 
 @pytest.fixture(scope="module", params=["ngram", "draft"])
@@ -36,17 +34,7 @@ def test_greedy_streams_are_token_exact_with_speculation(cluster, greedy):
     rng = random.Random(5)
     prompts = [copy_heavy(rng, 1000) for _ in range(12)]
     max_tokens = [rng.randrange(2, 40) for _ in prompts]
-
-    async def run():
-        client = AsyncClient(cluster.address)
-        try:
-            return await asyncio.gather(
-                *(client.complete(p, max_tokens=m, ignore_eos=True, timeout=120) for p, m in zip(prompts, max_tokens))
-            )
-        finally:
-            await client.close()
-
-    results = asyncio.run(run())
+    results = complete_concurrently(cluster.address, prompts, max_tokens)
     for prompt, m, result in zip(prompts, max_tokens, results):
         assert result.token_ids == greedy(prompt, m)
         assert result.completion_tokens == m and result.finish_reason == "length"
